@@ -1,0 +1,72 @@
+"""`mindhier` command line: one subcommand per job, each living in its own module.
+
+Every command module defines ``add_arguments(parser)`` and ``run(args) -> int``; they are
+imported only when their command runs, so `mindhier --help` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mindhier.errors import MindhierError
+
+# name -> (module, one-line help). Order is the order a new user meets them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mindhier.demo", "the whole offline pipeline on the synthetic world, with an HTML report"),
+    "world": ("mindhier.world.cli", "generate the synthetic world (images, captions, simulated cortex) in NSD layout"),
+    "data-info": ("mindhier.data.cli", "summarise a data folder in MindEye2 layout (subjects, voxels, trials)"),
+    "prepare-nsd": ("mindhier.data.prepare_nsd", "convert raw NSD (NIfTI betas, expdesign) to the MindEye2 layout"),
+    "train-vision": ("mindhier.train.vision", "train the in-project small CLIP on a world's image-caption pairs"),
+    "train-encoder": ("mindhier.train.encoder", "stage 1: train the hierarchical fMRI encoder"),
+    "train-tokenizer": ("mindhier.train.tokenizer", "train the multi-scale residual VQ-VAE"),
+    "train-generator": ("mindhier.train.generator", "stage 2: train the scale-aware generator"),
+    "reconstruct": ("mindhier.reconstruct", "reconstruct test images from fMRI"),
+    "evaluate": ("mindhier.evaluate", "score reconstructions against their stimuli (MindEye2 metrics)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mindhier",
+        description=(
+            "Reconstruct seen images from fMRI (MindHier). Start with `mindhier demo`; every "
+            "command takes --help. Multi-process training: `torchrun --nproc_per_node=N -m "
+            "mindhier train-...`."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 2
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            print(f"mindhier {name}: not available in this version ({module_name} missing)", file=sys.stderr)
+            return 2
+        raise
+    cmd = argparse.ArgumentParser(prog=f"mindhier {name}", description=getattr(module, "__doc__", None) or help_text,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(cmd)
+    args = cmd.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except MindhierError as err:
+        print(f"mindhier {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

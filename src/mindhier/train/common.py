@@ -1,0 +1,97 @@
+"""Pieces every training loop shares: optimiser groups, LR schedule, autocast, loss guard,
+progress bar, seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms, embeddings' 1-D params (SPEC §3)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_ratio: float = 0.0) -> float:
+    """Linear warmup to base_lr, then cosine decay to min_ratio·base_lr at ``total``."""
+    if total <= 0:
+        return base_lr
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast where it pays: CUDA with bf16 support, or a CPU with AVX-512 bf16.
+    fp16 is never used on CPU (≈1 GFLOP/s here, SPEC §8)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(loss: torch.Tensor, step: int, max_bad: int, state: dict) -> bool:
+    """Finite-loss guard: skip a step with a NaN/inf loss; stop after ``max_bad`` in a row.
+    Returns True when the step may proceed."""
+    if torch.isfinite(loss).all():
+        state["bad"] = 0
+        return True
+    state["bad"] = state.get("bad", 0) + 1
+    if state["bad"] >= max_bad:
+        raise NonFiniteLoss(
+            f"loss was not finite for {max_bad} steps in a row (last at step {step}); "
+            "lower the learning rate or check the inputs for NaN/inf"
+        )
+    return False
+
+
+def progress(iterable=None, *, total=None, desc: str = "", enabled: bool = True, **kw):
+    """A tqdm bar on the main process only (silent on other ranks)."""
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, **kw)
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    total = 0.0
+    for p in model.parameters():
+        if p.grad is not None:
+            total += float(p.grad.detach().float().pow(2).sum())
+    return math.sqrt(total)

@@ -1,0 +1,98 @@
+"""One code path for one process (`python ...`) and many (`torchrun --nproc_per_node=N ...`).
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them we run as rank 0 of 1 and never touch
+torch.distributed. Global batch is the user-facing knob; per-rank batch and gradient
+accumulation are derived from it and asserted (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group torchrun prepared (gloo on CPU, nccl on CUDA), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def shutdown(d: Dist) -> None:
+    """Leave the process group. Under gloo, interpreter teardown can abort after
+    destroy_process_group (SPEC §7), so worker processes flush and exit hard."""
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def split_global_batch(global_batch: int, world_size: int, max_per_rank: int | None = None) -> tuple[int, int]:
+    """(per-rank micro batch, accumulation steps) such that micro·accum·world == global."""
+    if global_batch % world_size:
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by the {world_size} processes; "
+            f"pick a multiple of {world_size}"
+        )
+    per_rank = global_batch // world_size
+    accum = 1
+    if max_per_rank is not None:
+        while per_rank > max_per_rank or (per_rank % 1):
+            accum *= 2
+            if (global_batch // world_size) % accum:
+                raise ValueError(
+                    f"cannot split per-rank batch {global_batch // world_size} into micro "
+                    f"batches of at most {max_per_rank}; choose a power-of-two multiple"
+                )
+            per_rank = global_batch // world_size // accum
+    assert per_rank * accum * world_size == global_batch
+    return per_rank, accum
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity when alone)."""
+    if d.enabled:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= d.world_size
+    return value
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's Python object on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
