@@ -164,7 +164,7 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str = "optim.") -> 
         for name, value in state.items():
             key = f"{prefix}{pid}.{name}"
             if torch.is_tensor(value):
-                tensors[key] = value
+                tensors[key] = value.detach().clone()  # never alias the live state
             else:
                 scalars[key] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
