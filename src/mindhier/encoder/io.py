@@ -1,0 +1,73 @@
+"""Loading a trained encoder from a mindhier checkpoint (``kind: "encoder"``).
+
+The checkpoint written by ``mindhier train-encoder`` holds the model weights (plain state-dict
+keys) plus, for exact resume, the optimizer (``optim.*``) and RNG state (``rng.*``). Its JSON
+records the resolved :class:`EncoderConfig`, the voxel count and subject it was trained on, and
+the vision model's shape and layers; that is all it takes to rebuild the model here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mindhier.checkpoint import CheckpointError, load_checkpoint, load_state_strict, paths_for
+from mindhier.config import from_dict
+from mindhier.encoder.model import EncoderConfig, HierarchicalFMRIEncoder, VisionShape
+from mindhier.errors import MindhierError
+
+KIND = "encoder"
+TRAINING_PREFIXES = ("optim.", "rng.")
+
+
+class VoxelCountError(MindhierError, ValueError):
+    """fMRI data whose voxel count differs from what the encoder was trained on."""
+
+
+def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own weights out of a checkpoint that may also carry training state."""
+    return {k: v for k, v in tensors.items() if not k.startswith(TRAINING_PREFIXES)}
+
+
+def check_voxels(meta: dict, num_voxels: int, subject: int | None, where: str | os.PathLike) -> None:
+    """A clear error when data and checkpoint disagree on the voxel count (another subject?)."""
+    trained = int(meta["num_voxels"])
+    if trained != int(num_voxels):
+        trained_on = meta.get("subject")
+        raise VoxelCountError(
+            f"{where} was trained on {trained} voxels (subject {trained_on}), but the data for "
+            f"subject {subject} has {num_voxels} voxels; an encoder is subject-specific: use the "
+            f"checkpoint trained on subject {subject}, or train one with `mindhier train-encoder "
+            f"--subject {subject}`"
+        )
+
+
+def encoder_from_meta(meta: dict, device: str | torch.device = "cpu") -> HierarchicalFMRIEncoder:
+    """An untrained model of exactly the checkpoint's shape."""
+    for key in ("config", "num_voxels", "vision"):
+        if key not in meta:
+            raise CheckpointError(f"encoder checkpoint metadata lacks {key!r}; it was not written by train-encoder")
+    cfg = from_dict(EncoderConfig, meta["config"])
+    shape = from_dict(VisionShape, meta["vision"]["shape"])
+    return HierarchicalFMRIEncoder(cfg, int(meta["num_voxels"]), shape).to(device)
+
+
+def load_encoder(
+    path: str | os.PathLike,
+    *,
+    num_voxels: int | None = None,
+    subject: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[HierarchicalFMRIEncoder, dict]:
+    """(model in eval mode, metadata) from ``path`` (either file of the pair, or their stem).
+
+    Pass ``num_voxels`` (and ``subject``) of the data you will feed it to fail early and clearly
+    when they do not match the checkpoint."""
+    tensors, meta = load_checkpoint(path, kind=KIND)
+    where = paths_for(path)[0]
+    if num_voxels is not None:
+        check_voxels(meta, num_voxels, subject, where)
+    model = encoder_from_meta(meta)
+    load_state_strict(model, model_tensors(tensors), where)
+    return model.to(device).eval(), meta

@@ -1,0 +1,69 @@
+"""Which vision layers the encoder levels align with (g_m, paper §3.2 and Table 3), and the
+target tensors a training batch needs.
+
+The paper's maps are for CLIP ViT-L/14's 24 layers: "default" g_m = 8 + 4m → {12, 16, 20, 24},
+"early" g_m = 6m → {6, 12, 18, 24}, "late" g_m = 16 + 2m → {18, 20, 22, 24}. For a vision model of
+another depth they are scaled proportionally (the vision package owns the rule:
+``mindhier.vision.scaled_layer_map``; the fallback here uses the same proportional rounding).
+"""
+
+from __future__ import annotations
+
+from mindhier.errors import MindhierError
+
+PAPER_DEPTH = 24
+LAYER_MAPS: dict[str, tuple[int, ...]] = {
+    "default": (12, 16, 20, 24),
+    "early": (6, 12, 18, 24),
+    "late": (18, 20, 22, 24),
+}
+
+
+class MissingTargetsError(MindhierError, KeyError):
+    """A target cache that lacks a layer (or the text tokens) the loss needs."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def layer_map(name: str, depth: int) -> tuple[int, ...]:
+    """g_1..g_M for map ``name`` on a vision model of ``depth`` layers (hidden_states[g])."""
+    if name not in LAYER_MAPS:
+        raise MindhierError(f"unknown layer map {name!r}; choose one of {sorted(LAYER_MAPS)}")
+    try:
+        from mindhier.vision import scaled_layer_map
+    except ImportError:
+        scaled_layer_map = None
+    if scaled_layer_map is not None:
+        return tuple(int(g) for g in scaled_layer_map(name, depth))
+    return _scaled(LAYER_MAPS[name], depth)
+
+
+def _scaled(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    # g · depth / 24, rounded half up, at least 1; the last level always ends on the last layer.
+    return tuple(max(1, min(depth, int(g * depth / PAPER_DEPTH + 0.5))) for g in layers)
+
+
+def required_keys(layers: tuple[int, ...], final_layer: int) -> list[str]:
+    keys = sorted({f"layer_{g}" for g in (*layers, final_layer)}, key=lambda k: int(k.split("_")[1]))
+    return keys + ["text"]
+
+
+def check_cached_layers(cached: tuple[int, ...], layers: tuple[int, ...], final_layer: int, where: str) -> None:
+    """Fail before training when the cache lacks a layer the loss needs."""
+    missing = sorted((set(layers) | {final_layer}) - set(cached))
+    if missing:
+        raise MissingTargetsError(
+            f"{where} holds vision targets for layers {sorted(cached)}, but this encoder aligns with "
+            f"layers {list(layers)} and the final layer {final_layer}; missing {missing}. Rebuild the "
+            f"target cache with those layers, or pick a layer map they cover."
+        )
+
+
+def check_batch_targets(targets: dict, layers: tuple[int, ...], final_layer: int, where: str) -> None:
+    missing = [k for k in required_keys(layers, final_layer) if k not in targets]
+    if missing:
+        raise MissingTargetsError(
+            f"{where} returned targets {sorted(targets)} without {missing}; the cache was built for "
+            f"other layers: rebuild it for layers {list(layers)} + final {final_layer}"
+        )
