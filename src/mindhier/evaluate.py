@@ -20,10 +20,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
-import tarfile
 from pathlib import Path
 from typing import Sequence
 
@@ -145,40 +143,23 @@ def load_recons(path: str | Path) -> torch.Tensor:
 
 
 def is_data_root(path: Path) -> bool:
-    return path.is_dir() and (layout.images_hdf5_path(path).is_file() or layout.images_dir(path).is_dir())
+    return path.is_dir() and (layout.images_hdf5_path(path).is_file() or layout.images_dir(path).is_dir()
+                              or layout.wds_dir(path, 1).parent.is_dir())
 
 
 def test_image_indices(root: str | Path, subject: int) -> np.ndarray:
-    """Unique image indices of the subject's test trials, ascending (MindEye2's image order).
-
-    Reads column 0 of every ``*.behav.npy`` in ``wds/subjXX/new_test/0.tar`` (SPEC §1.1)."""
-    tar_path = layout.test_tar_path(root, subject)
-    if not tar_path.is_file():
-        raise EvaluationError(f"{tar_path}: missing; is {root} a MindEye2-layout data root with {layout.subj_name(subject)}?")
-    indices = []
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if member.name.endswith(".behav.npy"):
-                behav = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
-                indices.append(int(np.asarray(behav).reshape(-1, layout.BEHAV_COLUMNS)[0, layout.COL_IMAGE]))
-    return np.unique(np.array(indices, dtype=np.int64))
+    """Unique image indices of the subject's test trials (new_test tar), ascending: the order
+    MindEye2 stores reconstructions in."""
+    from mindhier.data.readers import read_behav_tar
+    behav = read_behav_tar(layout.test_tar_path(root, subject))
+    return np.unique(behav[:, layout.COL_IMAGE].astype(np.int64))
 
 
 def load_test_images(root: str | Path, subject: int) -> torch.Tensor:
     """The subject's test images from a data root (HDF5 images, else the PNG folder)."""
-    idx = test_image_indices(root, subject)
-    h5 = layout.images_hdf5_path(root)
-    if h5.is_file():
-        import h5py
-        with h5py.File(h5, "r") as f:
-            images = torch.from_numpy(np.asarray(f[layout.IMAGES_DATASET][idx], dtype=np.float32))
-    else:
-        from PIL import Image
-        images = torch.from_numpy(np.stack([
-            np.asarray(Image.open(layout.image_png_path(root, int(i))).convert("RGB"), dtype=np.float32) / 255.0
-            for i in idx])).permute(0, 3, 1, 2).contiguous()
-    check_images(images, "ground-truth images", root)
-    return images
+    from mindhier.data.readers import ImageStore
+    with ImageStore(root) as store:
+        return torch.from_numpy(store.get(test_image_indices(root, subject)))
 
 
 def load_ground_truth(images: str | Path, subject: int | None) -> torch.Tensor:

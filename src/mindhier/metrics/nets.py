@@ -20,7 +20,7 @@ from torch import nn
 
 from mindhier.checkpoint import CheckpointError, load_state_strict
 from mindhier.errors import MindhierError
-from mindhier.metrics.tv import torchvision_models
+from mindhier.metrics.tv import import_torchvision, torchvision_models
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".pth.tar", ".bin")
 
@@ -188,6 +188,7 @@ class HFClipImageEmbedding(nn.Module):
 
 def load_hf_clip(directory: str | os.PathLike, require_vit_l14: bool = True) -> HFClipImageEmbedding:
     """A local Hugging Face CLIP vision tower with projection (no hub access)."""
+    import_torchvision()  # transformers imports torchvision when it is installed (SPEC §8)
     from transformers import CLIPVisionModelWithProjection
     directory = Path(directory)
     try:
