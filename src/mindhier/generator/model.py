@@ -158,10 +158,16 @@ class ScaleAwareGenerator(nn.Module):
     def cross_attn_cache(self, cond: Condition) -> CrossAttnCache:
         """Everything about the condition that sampling reuses at every scale: computed once."""
         self._check_condition(cond)
+        context = cond.context.to(self.dtype)
         return CrossAttnCache(
-            self.cond_proj(cond.pooled),
-            [block.cross_keys_values(cond.context) for block in self.blocks],
+            self.cond_proj(cond.pooled.to(self.dtype)),
+            [block.cross_keys_values(context) for block in self.blocks],
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype; inputs are cast to it (float32 unless the model was cast)."""
+        return self.token_embed.weight.dtype
 
     def _check_condition(self, cond: Condition) -> None:
         cfg = self.cfg
@@ -220,12 +226,13 @@ class ScaleAwareGenerator(nn.Module):
             raise GeneratorInputError(
                 f"teacher-forcing input has shape {tuple(tf_input.shape)}, expected {expected} "
                 f"(B, L − pn₁², Cvae) for scales {cfg.scales}")
-        cond_vec = self.cond_proj(cond.pooled)
-        x = self.embed(tf_input, cond_vec)
+        context = cond.context.to(self.dtype)
+        cond_vec = self.cond_proj(cond.pooled.to(self.dtype))
+        x = self.embed(tf_input.to(self.dtype), cond_vec)
         cross_mask = self.cross_mask(cond)
         hidden = [x]
         for block in self.blocks:
-            kv = block.cross_keys_values(cond.context)
+            kv = block.cross_keys_values(context)
             x = block(x, cond_vec, self.rope_cos, self.rope_sin, self.self_mask, kv, cross_mask)
             hidden.append(x)
         logits = self.head(x, cond_vec)
@@ -251,7 +258,7 @@ class ScaleAwareGenerator(nn.Module):
                 got = None if x_in is None else tuple(x_in.shape)
                 raise GeneratorInputError(
                     f"scale {si} input has shape {got}, expected {(B, hi - lo, cfg.z_channels)}")
-            x = self.token_embed(x_in)
+            x = self.token_embed(x_in.to(self.dtype))
         x = x + self.scale_embed.weight[si]
         cos, sin = self.rope_cos[lo:hi], self.rope_sin[lo:hi]
         visible = self.visible_context(si, cond)
