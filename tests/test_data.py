@@ -279,6 +279,7 @@ def test_subject_index_tables(world):
     np.testing.assert_array_equal(index.train.session, [0] * 15 + [1] * 15)
     np.testing.assert_array_equal(index.test.trial, TEST_ROWS)
     np.testing.assert_array_equal(index.test_images, [100, 101, 102, 103])
+    np.testing.assert_array_equal(index.test.session, 0)  # behav column 2 empty: row // 750
 
 
 def test_train_trials_with_distributed_sampler_cover_every_trial_once(world):
@@ -325,3 +326,53 @@ def test_train_images_leaking_into_test_are_refused(world):
     write_tar(layout.train_tar_path(root, SUBJECT, 2), {"sample000000112": behav_row(101, 112, 0)})
     with pytest.raises(DataError, match="test images .* also appear in training"):
         SubjectIndex(root, SUBJECT, check_betas=False)
+
+
+# ----------------------------------------------------------------------------- manifest and data-info
+
+
+def test_data_manifest_is_deterministic_and_sees_changes(world, monkeypatch):
+    from mindhier.data import manifest as mf
+
+    root, data = world
+    first = mf.data_manifest(root)
+    assert first == mf.data_manifest(root, subjects=[1]) and first["subjects"] == [1] and first["world"] is None
+    betas_name = layout.betas_path(root, SUBJECT).name
+    entry = first["files"][betas_name]
+    assert entry["scope"] == "full" and entry["sha256"] == hashlib.sha256(layout.betas_path(root, SUBJECT).read_bytes()).hexdigest()
+    assert {"wds/subj01/train/0.tar", "wds/subj01/train/1.tar", "wds/subj01/new_test/0.tar",
+            "coco_images_224_float16.hdf5", "COCO_73k_annots_curated.npy"} <= set(first["files"])
+    layout.world_dir(root).mkdir()
+    layout.world_info_path(root).write_text('{"config": {"preset": "tiny"}, "seed": 7}')
+    betas = data["betas"].copy()
+    betas[3, 2] += 1.0
+    with h5py.File(layout.betas_path(root, SUBJECT), "r+") as f:
+        f["betas"][...] = betas
+    second = mf.data_manifest(root)
+    assert second["world"] == {"seed": 7, "preset": "tiny"}
+    problems = mf.diff_manifests(first, second)
+    assert any(betas_name in p for p in problems) and any("synthetic world" in p for p in problems)
+    assert mf.diff_manifests(second, mf.data_manifest(root)) == []
+    # large files: first and last 8 MiB (here 1 KiB) plus size
+    monkeypatch.setattr(mf, "FULL_HASH_LIMIT", 1024)
+    monkeypatch.setattr(mf, "EDGE_BYTES", 512)
+    raw = layout.betas_path(root, SUBJECT).read_bytes()
+    edges = mf.data_manifest(root)["files"][betas_name]
+    assert edges["scope"] == "edges"
+    assert edges["sha256"] == hashlib.sha256(raw[:512] + raw[-512:] + str(len(raw)).encode()).hexdigest()
+
+
+def test_data_info_summary_and_problems(world, capsys):
+    from mindhier.cli import main as cli_main
+
+    root, data = world
+    assert cli_main(["data-info", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert f"subj01: {VOXELS} voxels (NSD nsdgeneral: 15724), 40 betas rows" in text
+    assert "2 sessions, 30 training trials on" in text and "test: 4 images (1 images ×1, 3 images ×3)" in text
+    assert f"{N_IMAGES} images, 3×{SIZE}×{SIZE}" in text and f"captions: {N_IMAGES} images × 5" in text
+    assert "not a synthetic world" in text and "no problems found" in text and "fewer than 3" in text
+    layout.test_tar_path(root, SUBJECT).write_bytes(layout.test_tar_path(root, SUBJECT).read_bytes()[:700])
+    assert cli_main(["data-info", str(root), "--subject", "1", "--full"]) == 1
+    text = capsys.readouterr().out
+    assert "problems:" in text and str(layout.test_tar_path(root, SUBJECT)) in text and "betas mean" in text

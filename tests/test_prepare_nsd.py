@@ -133,7 +133,9 @@ def test_tars_hold_the_design(prepared):
             np.testing.assert_array_equal(behav[:, layout.COL_TRIAL], rows)  # sorted by key = by trial
             np.testing.assert_array_equal(behav[:, layout.COL_IMAGE], coco[rows])
             assert (behav[:, layout.COL_SHARED] == 0).all()
-            other = np.delete(behav, [layout.COL_IMAGE, layout.COL_TRIAL, layout.COL_SHARED], axis=1)
+            assert (behav[:, prep.COL_SUBJECT] == s).all() and (behav[:, prep.COL_SESSION] == session + 1).all()
+            other = np.delete(behav, [layout.COL_IMAGE, layout.COL_TRIAL, layout.COL_SHARED, prep.COL_SUBJECT,
+                                      prep.COL_SESSION], axis=1)
             assert (other == -1).all()
         test = read_behav_tar(layout.test_tar_path(out, s))
         np.testing.assert_array_equal(test[:, layout.COL_TRIAL], np.flatnonzero(shared))
@@ -160,6 +162,7 @@ def test_prepared_folder_loads_with_the_readers(prepared):
     _, out, truth, _ = prepared
     index = SubjectIndex(out, 1, images=ImageStore(out))
     assert index.sessions == [0, 1] and len(index.train) + len(index.test) == SESSIONS * T
+    np.testing.assert_array_equal(index.test.session, index.test.trial // T)
     train = TrainTrials(out, 1)
     np.testing.assert_allclose(train[0]["voxels"].numpy(), expected_betas(truth, 1)[train[0]["trial"]], atol=2e-5)
     test = TestSet(out, 1)

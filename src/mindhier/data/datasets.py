@@ -21,6 +21,9 @@ from torch.utils.data import Dataset
 from mindhier.data import layout
 from mindhier.data.readers import BetasFile, DataError, ImageStore, read_behav_tar
 
+# behav column 2 holds the 1-based session (NSD's responses table order: subject, session, …);
+# not in layout.py, which names only the columns every reader needs.
+COL_SESSION = 2
 TEST_REPETITIONS = 3  # NSD shows each shared1000 image 3 times (SPEC §1.1)
 TEST_POLICIES = ("average", "repeats")
 
@@ -28,7 +31,8 @@ TEST_POLICIES = ("average", "repeats")
 @dataclass(frozen=True)
 class TrialTable:
     """One row per trial: ``image`` (image index), ``trial`` (row in the betas file),
-    ``session`` (0-based: the train tar number; for test trials ``trial // 750``).
+    ``session`` (0-based: the train tar number; for test trials behav column 2 − 1, or
+    ``trial // 750`` when that column is empty).
     Fields read as attributes or as ``table["image"]``."""
 
     image: np.ndarray
@@ -65,6 +69,15 @@ def _table_from_behav(behav: np.ndarray, path: Path, session: np.ndarray | int) 
     return TrialTable(image, trial, session)
 
 
+def _test_sessions(behav: np.ndarray) -> np.ndarray:
+    """0-based session of each test trial: behav column 2 when filled in, else NSD's row
+    numbering (750 trials per session)."""
+    session = behav[:, COL_SESSION]
+    if behav.size and (session >= 1).all():
+        return session.astype(np.int64) - 1
+    return behav[:, layout.COL_TRIAL].astype(np.int64) // layout.TRIALS_PER_SESSION
+
+
 class SubjectIndex:
     """Index tables of one subject: ``.train`` from every ``wds/subjXX/train/{i}.tar`` (session
     = i) and ``.test`` from ``new_test/0.tar``. Checks trial rows against the betas file and,
@@ -79,8 +92,8 @@ class SubjectIndex:
         self.sessions = [int(p.stem) for p in tars]
         self.train = TrialTable.concat([_table_from_behav(read_behav_tar(p), p, int(p.stem)) for p in tars])
         test_path = layout.test_tar_path(root, subject)
-        test = _table_from_behav(read_behav_tar(test_path), test_path, 0)
-        self.test = TrialTable(test.image, test.trial, test.trial // layout.TRIALS_PER_SESSION)
+        test_behav = read_behav_tar(test_path)
+        self.test = _table_from_behav(test_behav, test_path, _test_sessions(test_behav))
         self._check_disjoint(train_dir, test_path)
         if check_betas:
             with BetasFile(root, subject) as betas:

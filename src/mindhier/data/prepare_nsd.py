@@ -148,11 +148,15 @@ def zscore_session(betas: np.ndarray, shared: np.ndarray) -> tuple[np.ndarray, i
 # ----------------------------------------------------------------------------- tars
 
 
-def behav_rows(coco: np.ndarray, trials: np.ndarray, shared: np.ndarray) -> np.ndarray:
-    """(n, 17) behav rows; columns other than image/trial/shared come from NSD's behavioural
-    responses, which preparation does not read, so they are −1 (NaN)."""
+COL_SUBJECT, COL_SESSION = 1, 2  # NSD responses-table order (as the world writer uses)
+
+
+def behav_rows(coco: np.ndarray, trials: np.ndarray, shared: np.ndarray, subject: int, session: int) -> np.ndarray:
+    """(n, 17) behav rows: image, trial, shared1000, subject and 1-based session. The other
+    columns come from NSD's behavioural responses, which preparation does not read: −1 (NaN)."""
     rows = -np.ones((len(trials), layout.BEHAV_COLUMNS))
     rows[:, layout.COL_IMAGE], rows[:, layout.COL_TRIAL], rows[:, layout.COL_SHARED] = coco, trials, shared
+    rows[:, COL_SUBJECT], rows[:, COL_SESSION] = subject, session
     return rows
 
 
@@ -221,7 +225,7 @@ def _write_subject(nsd_root: Path, staging: Path, betas_partial: Path, subject: 
             constant = max(constant, n_const)
             first = (session - 1) * trials_per_session
             ds[first:first + trials_per_session] = z
-            rows = behav_rows(coco, first + np.arange(trials_per_session), shared)
+            rows = behav_rows(coco, first + np.arange(trials_per_session), shared, subject, session)
             write_behav_tar(staging / "train" / f"{session - 1}.tar", rows[~shared])
             test_rows.append(rows[shared])
     write_behav_tar(staging / "new_test" / "0.tar", np.concatenate(test_rows))
