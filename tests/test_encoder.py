@@ -29,7 +29,7 @@ from mindhier.encoder import (
     top1_retrieval,
     two_way_identification,
 )
-from mindhier.encoder.targets import _scaled, check_batch_targets, check_cached_layers
+from mindhier.encoder.targets import check_batch_targets, check_cached_layers
 
 SMALL = VisionShape(num_tokens=5, feature_dim=16, text_tokens=3, text_dim=12)
 TINY = PRESETS["tiny"]
@@ -197,7 +197,7 @@ def test_loss_falls_when_fitting_random_targets():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -205,12 +205,12 @@ def test_loss_falls_when_fitting_random_targets():
 
 
 def test_layer_maps_are_the_papers_on_24_layers():
-    assert _scaled((12, 16, 20, 24), 24) == (12, 16, 20, 24)
-    assert _scaled((6, 12, 18, 24), 12) == (3, 6, 9, 12)
-    assert _scaled((12, 16, 20, 24), 8) == (4, 5, 7, 8)
-    for name in ("default", "early", "late"):
-        g = layer_map(name, 24)
-        assert len(g) == 4 and g[-1] == 24
+    assert layer_map("balanced", 24) == (12, 16, 20, 24)
+    assert layer_map("early", 24) == (6, 12, 18, 24)
+    assert layer_map("late", 24) == (18, 20, 22, 24)
+    assert layer_map("default", 24) == (12, 16, 20, 24)
+    assert layer_map("default", 12, default=(3, 6, 9, 12)) == (3, 6, 9, 12)
+    assert layer_map("early", 12) == (3, 6, 9, 12)
     with pytest.raises(Exception, match="unknown layer map"):
         layer_map("middle", 24)
 

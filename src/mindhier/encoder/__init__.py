@@ -20,10 +20,10 @@ from mindhier.encoder.model import (
     count_parameters,
     predicted_embedding,
 )
-from mindhier.encoder.targets import LAYER_MAPS, MissingTargetsError, layer_map
+from mindhier.encoder.targets import LAYER_MAP_CHOICES, MissingTargetsError, layer_map
 
 __all__ = [
-    "CLIP_VIT_L14", "PRESETS", "SUPERVISIONS", "LAYER_MAPS", "EncoderConfig", "EncoderOutput",
+    "CLIP_VIT_L14", "PRESETS", "SUPERVISIONS", "LAYER_MAP_CHOICES", "EncoderConfig", "EncoderOutput",
     "HierarchicalFMRIEncoder", "VisionShape", "MissingTargetsError", "VoxelCountError",
     "aligned_mse", "check_voxels", "count_parameters", "encoder_loss", "flat_cosine", "layer_map",
     "load_encoder", "model_tensors", "predicted_embedding", "soft_clip_loss", "top1_retrieval",

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mindhier.encoder.model import EncoderConfig, EncoderOutput
+from mindhier.encoder.targets import check_batch_targets
 
 FINAL_IMAGE, FINAL_TEXT = "final_image", "text"
 
@@ -71,6 +72,7 @@ def encoder_loss(
     ``text`` (B, Tt, Dt). ``layers[m]`` is g_{m+1}, the vision layer level m+1 aligns with."""
     if len(layers) != len(out.levels):
         raise ValueError(f"{len(out.levels)} encoder levels but {len(layers)} vision layers {layers}")
+    check_batch_targets(targets, layers, final_layer, "the target batch")
     parts: dict[str, torch.Tensor] = {}
     for m in supervised_levels(cfg, len(layers)):
         parts[f"mse_e{m + 1}"] = aligned_mse(out.levels[m], targets[f"layer_{layers[m]}"], cfg.mse_reduction)

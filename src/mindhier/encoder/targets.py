@@ -1,22 +1,18 @@
-"""Which vision layers the encoder levels align with (g_m, paper §3.2 and Table 3), and the
-target tensors a training batch needs.
+"""Which vision layers the encoder levels align with (g_m, paper §3.2 and Table 3), and checks
+that the target tensors the loss needs are there.
 
-The paper's maps are for CLIP ViT-L/14's 24 layers: "default" g_m = 8 + 4m → {12, 16, 20, 24},
-"early" g_m = 6m → {6, 12, 18, 24}, "late" g_m = 16 + 2m → {18, 20, 22, 24}. For a vision model of
-another depth they are scaled proportionally (the vision package owns the rule:
-``mindhier.vision.scaled_layer_map``; the fallback here uses the same proportional rounding).
+The paper's maps are for CLIP ViT-L/14's 24 layers: "balanced" g_m = 8 + 4m → {12, 16, 20, 24}
+(MindHier's choice), "early" g_m = 6m → {6, 12, 18, 24}, "late" g_m = 16 + 2m → {18, 20, 22, 24}.
+For a backbone of another depth the vision package scales them (``scaled_layer_map``: each
+layer keeps its relative depth). "default" is the backbone's own ``default_layers``.
 """
 
 from __future__ import annotations
 
 from mindhier.errors import MindhierError
+from mindhier.vision import LAYER_MAPS, scaled_layer_map
 
-PAPER_DEPTH = 24
-LAYER_MAPS: dict[str, tuple[int, ...]] = {
-    "default": (12, 16, 20, 24),
-    "early": (6, 12, 18, 24),
-    "late": (18, 20, 22, 24),
-}
+LAYER_MAP_CHOICES = ("default", *LAYER_MAPS)
 
 
 class MissingTargetsError(MindhierError, KeyError):
@@ -26,22 +22,14 @@ class MissingTargetsError(MindhierError, KeyError):
         return str(self.args[0])
 
 
-def layer_map(name: str, depth: int) -> tuple[int, ...]:
-    """g_1..g_M for map ``name`` on a vision model of ``depth`` layers (hidden_states[g])."""
+def layer_map(name: str, depth: int, default: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """g_1..g_M for map ``name`` on a vision model of ``depth`` layers (hidden_states[g]).
+    "default" means ``default`` (the backbone's default_layers) or else the balanced map."""
+    if name == "default":
+        return tuple(int(g) for g in default) if default is not None else scaled_layer_map("balanced", depth)
     if name not in LAYER_MAPS:
-        raise MindhierError(f"unknown layer map {name!r}; choose one of {sorted(LAYER_MAPS)}")
-    try:
-        from mindhier.vision import scaled_layer_map
-    except ImportError:
-        scaled_layer_map = None
-    if scaled_layer_map is not None:
-        return tuple(int(g) for g in scaled_layer_map(name, depth))
-    return _scaled(LAYER_MAPS[name], depth)
-
-
-def _scaled(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    # g · depth / 24, rounded half up, at least 1; the last level always ends on the last layer.
-    return tuple(max(1, min(depth, int(g * depth / PAPER_DEPTH + 0.5))) for g in layers)
+        raise MindhierError(f"unknown layer map {name!r}; choose one of {list(LAYER_MAP_CHOICES)}")
+    return scaled_layer_map(name, depth)
 
 
 def required_keys(layers: tuple[int, ...], final_layer: int) -> list[str]:

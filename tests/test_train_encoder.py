@@ -1,0 +1,239 @@
+"""`mindhier train-encoder` end to end on a small data folder it builds itself: loss falls,
+exact resume, 2-process DDP keeps ranks identical, and bad inputs fail clearly."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mindhier.cli import main as cli_main
+from mindhier.data import layout
+from mindhier.encoder import VoxelCountError, load_encoder
+from mindhier.vision import scaled_layer_map
+from mindhier.vision.small_clip import PRESETS as CLIP_PRESETS
+from mindhier.vision.small_clip import SmallClipModel, build_vocab, resolve_config, save_small_clip
+
+SUBJECT, IMAGE_SIZE = 1, 32
+N_TRAIN, N_TEST, REPEATS = 96, 12, 3
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("disc", "square", "star")
+
+
+# ---- a small data folder in MindEye2 layout + a random tiny small-CLIP ---------------------
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, rows: list[tuple[int, int, int]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for image, trial, shared in rows:
+            behav = -np.ones((1, layout.BEHAV_COLUMNS))
+            behav[0, layout.COL_IMAGE], behav[0, layout.COL_TRIAL], behav[0, layout.COL_SHARED] = image, trial, shared
+            data = _npy(behav)
+            info = tarfile.TarInfo(f"sample{trial:09d}.behav.npy")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def make_data(root: Path, voxels: int = 64, nan_row: int | None = None, seed: int = 0) -> Path:
+    """Images with a colour/brightness structure, voxels a noisy nonlinear readout of them."""
+    rng = np.random.default_rng(seed)
+    n_images = N_TRAIN + N_TEST
+    colour = rng.random((n_images, 3, 1, 1))
+    ramp = np.linspace(0, 1, IMAGE_SIZE)[None, None, :, None] * rng.random((n_images, 1, 1, 1))
+    images = np.clip(0.6 * colour + 0.4 * ramp + 0.05 * rng.random((n_images, 3, IMAGE_SIZE, IMAGE_SIZE)), 0, 1)
+    root.mkdir(parents=True, exist_ok=True)
+    with h5py.File(layout.images_hdf5_path(root), "w") as f:
+        f.create_dataset("images", data=images.astype(np.float16))
+    captions = np.array([[f"a {COLOURS[i % 4]} {SHAPES[(i // 4) % 3]} number {k}" for k in range(5)]
+                         for i in range(n_images)])
+    np.save(layout.captions_path(root), captions)
+    pooled = images.reshape(n_images, 3, 4, 8, 4, 8).mean((3, 5)).reshape(n_images, -1)  # 48 features
+    readout = rng.normal(size=(pooled.shape[1], voxels)) / np.sqrt(pooled.shape[1])
+    signal = np.tanh(3 * (pooled - pooled.mean(0)) @ readout)
+    test_images = np.arange(N_TRAIN, n_images)
+    trial_images = np.concatenate([np.arange(N_TRAIN), np.repeat(test_images, REPEATS)])
+    betas = signal[trial_images] + 0.3 * rng.normal(size=(len(trial_images), voxels))
+    betas = ((betas - betas.mean(0)) / betas.std(0)).astype(np.float32)
+    if nan_row is not None:
+        betas[nan_row, 3] = np.nan
+    with h5py.File(layout.betas_path(root, SUBJECT), "w") as f:
+        f.create_dataset("betas", data=betas)
+    half = N_TRAIN // 2
+    for session, trials in enumerate((range(0, half), range(half, N_TRAIN))):
+        _write_tar(layout.train_tar_path(root, SUBJECT, session), [(t, t, 0) for t in trials])
+    test_rows = range(N_TRAIN, len(trial_images))
+    _write_tar(layout.test_tar_path(root, SUBJECT), [(int(trial_images[t]), t, 1) for t in test_rows])
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train_encoder")
+    data = make_data(base / "data")
+    torch.manual_seed(0)
+    vocab = build_vocab(np.load(layout.captions_path(data)).ravel().tolist())
+    clip = SmallClipModel(resolve_config(CLIP_PRESETS["tiny"], vocab))
+    save_small_clip(base / "vision" / "vision", clip, vocab)
+    return base, data, base / "vision"
+
+
+def cli(setup, out, *extra) -> int:
+    base, data, vision = setup
+    return cli_main(["train-encoder", "--data", str(data), "--vision", str(vision), "--out", str(out),
+                     "--preset", "tiny", "--global-batch", "16", "--epochs", "2", "--lr", "3e-3",
+                     "--precision", "fp32", "--target-cache", str(base / "targets"), *extra])
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def test_loss_falls_and_checkpoint_is_complete(setup, tmp_path):
+    out = tmp_path / "run"
+    assert cli(setup, out, "--epochs", "6") == 0
+    history = metrics(out)
+    assert len(history) == 6
+    assert history[-1]["train"]["loss"] < 0.8 * history[0]["train"]["loss"]
+    scores = history[-1]["test"]
+    assert scores["n_test"] == N_TEST and 0 <= scores["top1"] <= 1 and 0 <= scores["two_way"] <= 1
+    assert {f"cosine_e{m}" for m in range(1, 5)} <= set(scores)
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["kind"] == "encoder" and meta["subject"] == SUBJECT and meta["num_voxels"] == 64
+    assert meta["sessions"] == [0, 1]
+    depth = CLIP_PRESETS["tiny"].layers
+    assert meta["vision"]["layers"] == list(scaled_layer_map("balanced", depth))
+    assert meta["vision"]["final_layer"] == depth
+    assert meta["progress"]["step"] == 6 * (N_TRAIN // 16)
+    assert meta["data_manifest"]["subjects"] == [SUBJECT] and meta["git_commit"]
+    model, _ = load_encoder(out / "encoder", num_voxels=64, subject=SUBJECT)
+    assert model.num_voxels == 64 and not model.training
+    # an existing run is never overwritten silently
+    assert cli(setup, out) == 2
+
+
+def test_interrupted_run_resumes_exactly(setup, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert cli(setup, straight, "--supervision", "final-only") == 0
+    # 6 steps per epoch: stop mid-epoch 1, then again mid-epoch 2, then finish
+    assert cli(setup, resumed, "--supervision", "final-only", "--stop-after", "4") == 0
+    assert json.loads((resumed / "encoder.json").read_text())["progress"]["step"] == 4
+    assert cli(setup, resumed, "--supervision", "final-only", "--resume", "--stop-after", "5") == 0
+    assert cli(setup, resumed, "--supervision", "final-only", "--resume") == 0
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["epoch"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert rb["train"]["loss"] == pytest.approx(ra["train"]["loss"], abs=1e-6)
+        assert rb["test"] == ra["test"]
+    wa, wb = load_file(straight / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
+    for key in wa:
+        if not key.startswith("rng."):
+            torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_refuses_other_settings(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(setup, out, "--stop-after", "1") == 0
+    assert cli(setup, out, "--resume", "--lr", "1e-3") == 2
+    assert "lr: expected 0.001, checkpoint has 0.003" in capsys.readouterr().err
+    assert cli(setup, out, "--resume", "--preset", "demo") == 2
+    assert "mlp_hidden" in capsys.readouterr().err
+
+
+# ---- bad inputs ------------------------------------------------------------------------------
+
+
+def test_voxel_count_mismatch_with_checkpoint(setup, tmp_path, capsys):
+    base, _, vision = setup
+    out = tmp_path / "run"
+    assert cli(setup, out, "--stop-after", "1") == 0
+    with pytest.raises(VoxelCountError, match=r"64 voxels \(subject 1\).*subject 1 has 70 voxels"):
+        load_encoder(out / "encoder", num_voxels=70, subject=1)
+    other = make_data(tmp_path / "other", voxels=70)
+    capsys.readouterr()
+    rc = cli_main(["train-encoder", "--data", str(other), "--vision", str(vision), "--out", str(out),
+                   "--preset", "tiny", "--global-batch", "16", "--epochs", "2", "--lr", "3e-3",
+                   "--precision", "fp32", "--target-cache", str(base / "targets"), "--resume"])
+    assert rc == 2
+    assert "trained on 64 voxels" in capsys.readouterr().err
+
+
+def test_nan_voxels_are_a_clear_error(setup, tmp_path, capsys):
+    base, _, vision = setup
+    bad = make_data(tmp_path / "bad", nan_row=5)
+    rc = cli_main(["train-encoder", "--data", str(bad), "--vision", str(vision), "--out", str(tmp_path / "run"),
+                   "--preset", "tiny", "--global-batch", "16", "--target-cache", str(base / "targets")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "row 5" in err and "NaN" in err
+
+
+def test_missing_vision_model_is_a_clear_error(setup, tmp_path, capsys):
+    _, data, _ = setup
+    rc = cli_main(["train-encoder", "--data", str(data), "--vision", str(tmp_path / "nope"),
+                   "--out", str(tmp_path / "run"), "--preset", "tiny"])
+    assert rc == 2 and "train-vision" in capsys.readouterr().err
+
+
+# ---- two processes ---------------------------------------------------------------------------
+
+WORKER = textwrap.dedent("""
+    import os, sys
+    import torch
+    from safetensors.torch import save_file
+    from mindhier.train import encoder
+    from mindhier.train.distributed import init_distributed, shutdown
+    parser = encoder.argparse.ArgumentParser()
+    encoder.add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:])
+    d = init_distributed("cpu")
+    trainer = encoder.Trainer(args, d)
+    trainer.fit()
+    state = {k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()}
+    save_file(state, os.path.join(args.out, f"rank{d.rank}.safetensors"))
+    shutdown(d)
+""")
+
+
+def test_two_gloo_processes_keep_parameters_identical(setup, tmp_path):
+    base, data, vision = setup
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--data", str(data), "--vision", str(vision), "--out", str(out), "--preset", "tiny",
+           "--global-batch", "16", "--epochs", "1", "--lr", "3e-3", "--precision", "fp32",
+           "--target-cache", str(base / "targets"), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert r0.keys() == r1.keys()
+    for key in r0:
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)
+    saved = load_file(out / "encoder.safetensors")
+    torch.testing.assert_close(saved["fmri_pos"], r0["fmri_pos"], rtol=0, atol=0)
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["progress"]["world_size"] == 2 and meta["progress"]["step"] == N_TRAIN // 16
+    assert {"rng.rank0.cpu", "rng.rank1.cpu"} <= set(saved)
+    assert len(metrics(out)) == 1  # rank 0 alone evaluates and logs
