@@ -198,7 +198,7 @@ class TestSet(Dataset):
         self.repeat_rows = self._repeat_rows(index.test)  # (n_images, 3) betas rows
         with BetasFile(root, subject, expected_voxels=expected_voxels) as betas:
             self.num_voxels = betas.num_voxels
-            reps = betas.read(self.repeat_rows.reshape(-1)).reshape(len(self.image_indices), TEST_REPETITIONS, -1)
+            reps = betas.read(self.repeat_rows.reshape(-1)).reshape(len(self.image_indices), TEST_REPETITIONS, self.num_voxels)
         self._voxels = torch.from_numpy(reps.mean(axis=1) if policy == "average" else reps)
 
     def _repeat_rows(self, test: TrialTable) -> np.ndarray:
