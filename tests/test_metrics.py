@@ -1,6 +1,8 @@
 """The evaluation arithmetic against independent computations, and the feature networks'
 weight handling (SPEC §6). Small inputs only: everything runs in seconds on one CPU thread."""
 
+import sys
+
 import numpy as np
 import pytest
 import scipy.spatial.distance
@@ -295,3 +297,21 @@ def test_lite0_metrics_share_features_and_behave(lite0):
     assert feats.shape == (3, 1280)
     assert metrics[0].score(feats, feats) == pytest.approx(0.0, abs=1e-9)
     assert metrics[1].score(feats, feats) == 1.0
+
+
+# ------------------------------------------------------------------------------ torchvision shim
+
+
+def test_torchvision_imports_in_a_fresh_interpreter():
+    import subprocess
+    code = ("from mindhier.metrics.tv import torchvision_models; m = torchvision_models(); "
+            "print(type(m.alexnet(weights=None)).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "AlexNet"
+
+
+def test_inception_is_configured_like_torchvision_pretrained():
+    model = nets.build_inception_v3()
+    # torchvision's pretrained Inception expects ImageNet-normalised input and converts it itself
+    assert model.transform_input and model.aux_logits

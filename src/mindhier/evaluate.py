@@ -62,6 +62,8 @@ def evaluate_reconstructions(
     if recons.shape[0] != gts.shape[0]:
         raise EvaluationError(f"{recons.shape[0]} reconstructions but {gts.shape[0]} ground-truth images: "
                               "give one reconstruction per test image, in ascending image order")
+    if recons.shape[0] < 2:
+        raise EvaluationError("two-way identification compares each image with the others: give at least 2 images")
     metrics = list(metrics) if metrics is not None else suite.default_metrics()
     recons, gts = core.to_eval_size(recons), core.to_eval_size(gts)  # the 256 px pre-resize
     cache = suite.FeatureCache()
@@ -238,7 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "efficientnet_b1*.pth, swav*.pth (.safetensors also read); absent nets give n/a")
     parser.add_argument("--clip-dir", default=None, help="local Hugging Face CLIP ViT-L/14 folder (CLIP column)")
     parser.add_argument("--vision", default=None, metavar="CKPT",
-                        help="in-project CLIP checkpoint: adds two-way identification in its space")
+                        help="in-project CLIP checkpoint (`mindhier train-vision` output): adds two-way "
+                             "identification in its image-embedding space (CLIP-ours column)")
     parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
                         help="recorded in the table; state at least split=, averaging=voxels|outputs, "
                              "sampling=single-shot|best-of-N")

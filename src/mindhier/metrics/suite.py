@@ -150,7 +150,7 @@ def standard_metrics(weights_dir: str | os.PathLike | None = None,
                                    "no CLIP ViT-L/14: pass --clip-dir (a local Hugging Face directory) or put "
                                    f"{nets.CLIP_DIR_NAMES[0]}/ in --weights-dir"))
 
-    metrics.append(_torchvision_metric("eff", "EffNet-B", "corrdist", "efficientnet_b1", "avgpool", 255, weights_dir))
+    metrics.append(_torchvision_metric("eff", "EffNet-B1", "corrdist", "efficientnet_b1", "avgpool", 255, weights_dir))
     metrics.append(_torchvision_metric("swav", "SwAV", "corrdist", "swav_resnet50", "avgpool", 224, weights_dir))
     return metrics
 
