@@ -23,7 +23,6 @@ from mindhier.data.readers import BetasFile, DataError, ImageStore, read_behav_t
 
 # behav column 2 holds the 1-based session (NSD's responses table order: subject, session, …);
 # not in layout.py, which names only the columns every reader needs.
-COL_SESSION = 2
 TEST_REPETITIONS = 3  # NSD shows each shared1000 image 3 times (SPEC §1.1)
 TEST_POLICIES = ("average", "repeats")
 
@@ -72,7 +71,7 @@ def _table_from_behav(behav: np.ndarray, path: Path, session: np.ndarray | int) 
 def _test_sessions(behav: np.ndarray) -> np.ndarray:
     """0-based session of each test trial: behav column 2 when filled in, else NSD's row
     numbering (750 trials per session)."""
-    session = behav[:, COL_SESSION]
+    session = behav[:, layout.COL_SESSION]
     if behav.size and (session >= 1).all():
         return session.astype(np.int64) - 1
     return behav[:, layout.COL_TRIAL].astype(np.int64) // layout.TRIALS_PER_SESSION

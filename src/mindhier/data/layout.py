@@ -23,6 +23,8 @@ from pathlib import Path
 # behav.npy columns (MindEye2 webdataset; 17 columns, -1 means NaN)
 BEHAV_COLUMNS = 17
 COL_IMAGE = 0  # COCO-73k image index, 0-based
+COL_SUBJECT = 1  # subject number (NSD responses-table order)
+COL_SESSION = 2  # session, 1-based
 COL_TRIAL = 5  # global trial = row in the betas file
 COL_SHARED = 16  # 1 when the image is one of the shared1000 (test) images
 

@@ -148,7 +148,6 @@ def zscore_session(betas: np.ndarray, shared: np.ndarray) -> tuple[np.ndarray, i
 # ----------------------------------------------------------------------------- tars
 
 
-COL_SUBJECT, COL_SESSION = 1, 2  # NSD responses-table order (as the world writer uses)
 
 
 def behav_rows(coco: np.ndarray, trials: np.ndarray, shared: np.ndarray, subject: int, session: int) -> np.ndarray:
@@ -156,7 +155,7 @@ def behav_rows(coco: np.ndarray, trials: np.ndarray, shared: np.ndarray, subject
     columns come from NSD's behavioural responses, which preparation does not read: −1 (NaN)."""
     rows = -np.ones((len(trials), layout.BEHAV_COLUMNS))
     rows[:, layout.COL_IMAGE], rows[:, layout.COL_TRIAL], rows[:, layout.COL_SHARED] = coco, trials, shared
-    rows[:, COL_SUBJECT], rows[:, COL_SESSION] = subject, session
+    rows[:, layout.COL_SUBJECT], rows[:, layout.COL_SESSION] = subject, session
     return rows
 
 
