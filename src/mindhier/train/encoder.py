@@ -112,10 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     d = init_distributed(args.device)
-    try:
-        Trainer(args, d).fit()
-    finally:
-        shutdown(d)
+    Trainer(args, d).fit()
+    shutdown(d)  # on an error we never get here: the exception ends the process non-zero
     return 0
 
 
@@ -346,7 +344,8 @@ class Trainer:
             return {"loss": math.nan}, math.nan
         gnorm = common.grad_norm(self.model)
         self.optimizer.step()
-        return {k: float(all_reduce_mean(torch.tensor(v), self.d)) for k, v in totals.items()}, gnorm
+        means = all_reduce_mean(torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device), self.d).tolist()
+        return dict(zip(totals, means)), gnorm
 
     def _batch(self, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         voxels = torch.stack([self.train[int(i)]["voxels"] for i in rows])
