@@ -133,9 +133,9 @@ def test_tars_hold_the_design(prepared):
             np.testing.assert_array_equal(behav[:, layout.COL_TRIAL], rows)  # sorted by key = by trial
             np.testing.assert_array_equal(behav[:, layout.COL_IMAGE], coco[rows])
             assert (behav[:, layout.COL_SHARED] == 0).all()
-            assert (behav[:, prep.COL_SUBJECT] == s).all() and (behav[:, prep.COL_SESSION] == session + 1).all()
-            other = np.delete(behav, [layout.COL_IMAGE, layout.COL_TRIAL, layout.COL_SHARED, prep.COL_SUBJECT,
-                                      prep.COL_SESSION], axis=1)
+            assert (behav[:, layout.COL_SUBJECT] == s).all() and (behav[:, layout.COL_SESSION] == session + 1).all()
+            other = np.delete(behav, [layout.COL_IMAGE, layout.COL_TRIAL, layout.COL_SHARED, layout.COL_SUBJECT,
+                                      layout.COL_SESSION], axis=1)
             assert (other == -1).all()
         test = read_behav_tar(layout.test_tar_path(out, s))
         np.testing.assert_array_equal(test[:, layout.COL_TRIAL], np.flatnonzero(shared))
