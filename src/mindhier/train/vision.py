@@ -1,0 +1,335 @@
+"""Train the in-project small CLIP on a world's image–caption pairs (the offline stand-in for
+CLIP ViT-L/14 whose layers stage 1 aligns to; SPEC §2).
+
+Symmetric InfoNCE over the global batch (features gathered across processes), several caption
+paraphrases per image as text augmentation and small random shifts as image augmentation, AdamW
+with warmup + cosine, bf16 autocast where the device supports it. The test images (the shared
+test set of the fMRI data) are held out; at the end their image→caption and caption→image
+top-1 retrieval is written to OUT/eval.json.
+
+Output: OUT/vision.safetensors + OUT/vision.json (load with `mindhier.vision.load_vision(OUT)`;
+the checkpoint also holds the optimiser state so --resume continues where a run stopped).
+
+Examples:
+  mindhier train-vision --data worlds/demo --preset demo --out runs/vision-demo
+  torchrun --standalone --nproc_per_node=2 -m mindhier train-vision --data worlds/demo --out runs/v
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mindhier.checkpoint import load_checkpoint, load_state_strict, optimizer_from_tensors, optimizer_to_tensors, paths_for
+from mindhier.config import get_preset, to_dict
+from mindhier.data import DataError, ImageStore, SubjectIndex, load_captions
+from mindhier.data import layout
+from mindhier.data.manifest import data_manifest
+from mindhier.errors import MindhierError
+from mindhier.train import common
+from mindhier.train.distributed import Dist, all_reduce_mean, init_distributed, shutdown, split_global_batch
+from mindhier.vision.small_clip import (CHECKPOINT_NAME, PRESETS, SmallClip, SmallClipModel, WordTokenizer,
+                                        build_vocab, model_tensors, normalise_images, resolve_config,
+                                        save_small_clip)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 30
+    global_batch: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1  # CLIP's contrastive pre-training value
+    warmup_fraction: float = 0.05
+    shift: int = 4  # max random translation in pixels (no flips/colour jitter: captions say left/red)
+    seed: int = 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainSettings()
+    p.add_argument("--data", required=True, help="data root in MindEye2 layout (e.g. a world from `mindhier world`)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint OUT/vision.*, OUT/eval.json)")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model size (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images (default: %(default)s)")
+    p.add_argument("--global-batch", type=int, default=d.global_batch,
+                   help="image-caption pairs per step over all processes; also the number of negatives (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for init, data order, augmentation (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                   help="stop once this many epochs are done (for time-limited jobs); --resume continues")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run in OUT")
+    p.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast")
+
+
+# ---------------------------------------------------------------------------- data
+def test_image_indices(root: Path) -> np.ndarray:
+    """The held-out images: world.json's list, else every subject's shared test images."""
+    info = layout.world_info_path(root)
+    if info.is_file():
+        listed = json.loads(info.read_text()).get("test_image_indices")
+        if listed is not None:
+            return np.unique(np.asarray(listed, dtype=np.int64))
+    found = [SubjectIndex(root, s, check_betas=False).test_images for s in layout.subjects_in(root)]
+    if not found:
+        raise DataError(f"{root}: cannot tell the test images apart (no world/world.json with "
+                        "'test_image_indices' and no subject tars); create the data with `mindhier world`")
+    return np.unique(np.concatenate(found))
+
+
+class PairData:
+    """Training images (kept in memory as fp16) with all their caption paraphrases tokenised."""
+
+    def __init__(self, root: Path, image_size: int, text_len: int, vocab: list[str] | None = None):
+        store = ImageStore(root)
+        captions = load_captions(root)
+        if len(captions) < store.num_images:
+            raise DataError(f"{layout.captions_path(root)}: {len(captions)} caption rows for {store.num_images} images")
+        self.test = test_image_indices(root)
+        self.train = np.setdiff1d(np.arange(store.num_images), self.test)
+        if len(self.train) == 0:
+            raise DataError(f"{root}: every image is a test image; nothing to train on")
+        self.vocab = vocab if vocab is not None else build_vocab(captions[self.train].ravel())
+        self.tokenizer = WordTokenizer(self.vocab, text_len)
+        self.captions = captions
+        self.images = torch.from_numpy(store.get(self.train)).half()
+        store.close()
+        self.ids, self.variants = self._tokenise(self.train)
+        self.image_size = image_size
+
+    def _tokenise(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, k, text_len) ids of every non-empty paraphrase (empty ones repeat the first)."""
+        k = self.captions.shape[1]
+        rows, counts = [], []
+        for i in indices:
+            options = [c for c in self.captions[i] if str(c).strip()] or [""]
+            counts.append(len(options))
+            rows += [options[j % len(options)] for j in range(k)]
+        ids = self.tokenizer.encode(rows).view(len(indices), k, -1)
+        return ids, torch.tensor(counts)
+
+    def batch(self, positions: torch.Tensor, draws: dict, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented images (B,3,H,W) in [0,1] and one paraphrase per image (B, text_len), using
+        this rank's slice of random ``draws`` made for the whole global batch (see augment_draws)."""
+        images = self.images[positions].float()
+        if shift:
+            images = random_shift(images, shift, draws["dy"], draws["dx"])
+        pick = (draws["u"] * self.variants[positions]).long()
+        return images, self.ids[positions, pick]
+
+
+def augment_draws(n: int, shift: int, gen: torch.Generator) -> dict:
+    """Random numbers for a global batch of ``n``, drawn identically on every rank so that a run
+    does not depend on how many processes share it."""
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=gen)
+    return {"dy": dy, "dx": dx, "u": torch.rand(n, generator=gen)}
+
+
+def random_shift(images: torch.Tensor, shift: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Translate image i by (dy[i] - shift, dx[i] - shift) pixels (edge padding)."""
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (shift,) * 4, mode="replicate")
+    return torch.stack([padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w] for i in range(len(images))])
+
+
+# ---------------------------------------------------------------------------- loss
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns to each rank the summed gradient of its own rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = len(x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on my rows
+        return grad[dist.get_rank() * ctx.rows: (dist.get_rank() + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Features of the whole global batch; gradients flow back to the rank that made them."""
+    return _GatherWithGrad.apply(x) if d.enabled else x
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Symmetric InfoNCE of this rank's pairs against every pair of the global batch (CLIP)."""
+    all_image, all_text = gather_with_grad(image, d), gather_with_grad(text, d)
+    labels = torch.arange(len(image), device=image.device) + d.rank * len(image)
+    logits_image = scale * image @ all_text.T
+    logits_text = scale * text @ all_image.T
+    return 0.5 * (F.cross_entropy(logits_image.float(), labels) + F.cross_entropy(logits_text.float(), labels))
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def retrieval(clip: SmallClip, store: ImageStore, captions: np.ndarray, indices: np.ndarray,
+              batch: int = 128) -> dict:
+    """Top-1 image→caption and caption→image retrieval among ``indices`` (caption i % 3 of
+    image i, as the stage-1 targets use). ``*_same_text`` also counts a hit when the retrieved
+    caption reads exactly like the true one (synthetic captions can repeat)."""
+    from mindhier.vision.targets import caption_policy
+
+    texts = [str(captions[i][caption_policy(int(i))]) for i in indices]
+    image_emb, text_emb = [], []
+    for s in range(0, len(indices), batch):
+        image_emb.append(clip.image_embedding(torch.from_numpy(store.get(indices[s: s + batch]))))
+        text_emb.append(clip.text_embedding(texts[s: s + batch]))
+    sim = F.normalize(torch.cat(image_emb), dim=-1) @ F.normalize(torch.cat(text_emb), dim=-1).T
+    truth = torch.arange(len(indices))
+    i2t, t2i = sim.argmax(1), sim.argmax(0)
+    same = np.array(texts)
+    return {
+        "n": len(indices), "chance": 1.0 / len(indices),
+        "image_to_caption_top1": float((i2t == truth).float().mean()),
+        "caption_to_image_top1": float((t2i == truth).float().mean()),
+        "image_to_caption_top1_same_text": float(np.mean(same[i2t.numpy()] == same)),
+    }
+
+
+# ---------------------------------------------------------------------------- training
+def run(args) -> int:
+    d = init_distributed(args.device)
+    try:
+        result = train(args, d)
+    finally:
+        shutdown(d)
+    return result
+
+
+def prepare_out(out: Path, resume: bool, force: bool) -> Path | None:
+    """The checkpoint to resume from, None for a fresh run; refuses to clobber a finished run."""
+    ckpt = out / CHECKPOINT_NAME
+    exists = paths_for(ckpt)[1].exists()
+    if resume:
+        if not exists:
+            raise MindhierError(f"--resume: no checkpoint {paths_for(ckpt)[1]} to resume from")
+        return ckpt
+    if exists and not force:
+        raise MindhierError(f"{out} already holds a vision checkpoint; pass --resume to continue it "
+                            "or --force to start over")
+    return None
+
+
+def train(args, d: Dist) -> int:
+    settings = TrainSettings(epochs=args.epochs, global_batch=args.global_batch, lr=args.lr,
+                             weight_decay=args.weight_decay, seed=args.seed)
+    out, root = Path(args.out), Path(args.data)
+    resume_from = prepare_out(out, args.resume, args.force)
+    preset = get_preset(PRESETS, args.preset, "vision")
+    meta, tensors = None, None
+    if resume_from is not None:
+        tensors, meta = load_checkpoint(resume_from, kind="vision")
+    data = PairData(root, preset.image_size, preset.text_len, vocab=meta["vocab"] if meta else None)
+    cfg = resolve_config(preset, data.vocab)
+    if meta is not None:
+        load_checkpoint(resume_from, kind="vision", config=cfg)  # names differing fields
+    common.seed_everything(settings.seed)
+    model = SmallClipModel(cfg).to(d.device)
+    opt = common.adamw(model, settings.lr, settings.weight_decay, betas=(0.9, 0.98))
+    start_epoch = 0
+    if meta is not None:
+        load_state_strict(model, model_tensors(tensors), where=resume_from)
+        optimizer_from_tensors(opt, {k: v.to(d.device) for k, v in tensors.items()}, meta["optimizer"])
+        start_epoch = int(meta["epoch"])
+    per_rank, _ = split_global_batch(settings.global_batch, d.world_size)
+    steps_per_epoch = len(data.train) // settings.global_batch
+    if steps_per_epoch == 0:
+        raise MindhierError(f"--global-batch {settings.global_batch} exceeds the {len(data.train)} training images")
+    total = steps_per_epoch * settings.epochs
+    warmup = max(1, round(settings.warmup_fraction * total))
+    net = torch.nn.parallel.DistributedDataParallel(model) if d.enabled else model
+    manifest = data_manifest(root, subjects=[]) if d.is_main else None
+    if d.is_main:
+        print(f"train-vision: {len(data.train)} training / {len(data.test)} held-out images, vocab "
+              f"{len(data.vocab)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+              f"{d.world_size} process(es), batch {per_rank}/rank, {steps_per_epoch} steps/epoch", flush=True)
+    guard: dict = {}
+    stop = settings.epochs if args.stop_after is None else min(settings.epochs, args.stop_after)
+    for epoch in range(start_epoch, stop):
+        t0 = time.time()
+        loss_sum = run_epoch(net, model, opt, data, settings, d, epoch, steps_per_epoch, total, warmup, guard,
+                             use_bf16=not args.no_bf16)
+        if d.is_main:
+            print(f"epoch {epoch + 1}/{settings.epochs}: loss {loss_sum / steps_per_epoch:.4f} "
+                  f"({time.time() - t0:.1f} s)", flush=True)
+            save(out, model, opt, data, settings, epoch + 1, manifest)
+    if d.is_main and stop == settings.epochs:
+        evaluate(out, model, data, root)
+    return 0
+
+
+def run_epoch(net, model, opt, data: PairData, s: TrainSettings, d: Dist, epoch: int, steps: int,
+              total: int, warmup: int, guard: dict, use_bf16: bool) -> float:
+    """One pass in a data order fixed by (seed, epoch) so that resumed runs see the same batches."""
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(s.seed * 1000 + epoch))
+    gen = torch.Generator().manual_seed(s.seed * 1000 + epoch + 1)
+    per_rank = s.global_batch // d.world_size
+    net.train()
+    loss_sum = 0.0
+    bar = common.progress(range(steps), desc=f"vision epoch {epoch + 1}", enabled=d.is_main, leave=False)
+    for step in bar:
+        global_step = epoch * steps + step
+        lr = common.warmup_cosine(global_step, total, warmup, s.lr)
+        common.set_lr(opt, lr)
+        chunk = order[step * s.global_batch: (step + 1) * s.global_batch]
+        mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
+        draws = {k: v[mine] for k, v in augment_draws(s.global_batch, s.shift, gen).items()}
+        images, ids = data.batch(chunk[mine], draws, s.shift)
+        pixels = normalise_images(images.to(d.device), data.image_size)
+        with common.autocast(d.device, enabled=use_bf16):
+            image, text, scale = net(pixels, ids.to(d.device))
+        loss = contrastive_loss(image.float(), text.float(), scale.float(), d)
+        if not common.check_finite(loss, global_step, max_bad=5, state=guard):
+            opt.zero_grad(set_to_none=True)
+            continue
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = float(all_reduce_mean(loss.detach(), d))
+        loss_sum += value
+        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", gnorm=f"{float(norm):.2f}",
+                        scale=f"{float(scale.detach()):.1f}")
+    return loss_sum
+
+
+def save(out: Path, model: SmallClipModel, opt, data: PairData, s: TrainSettings, epoch: int, manifest) -> None:
+    optim_tensors, optim_info = optimizer_to_tensors(opt)
+    save_small_clip(out / CHECKPOINT_NAME, model, data.vocab, tensors=optim_tensors, extra={
+        "epoch": epoch, "train": to_dict(s), "optimizer": optim_info, "data_manifest": manifest,
+        "test_images": {"count": int(len(data.test)),
+                        "sha256": hashlib.sha256(data.test.astype(np.int64).tobytes()).hexdigest()[:16]},
+    })
+
+
+def evaluate(out: Path, model: SmallClipModel, data: PairData, root: Path) -> dict:
+    """Held-out retrieval (and the same on as many training images, to show the gap)."""
+    clip = SmallClip(model.eval(), data.vocab)
+    store = ImageStore(root)
+    n = len(data.test)
+    rng = np.random.default_rng(0)
+    train_subset = np.sort(rng.choice(data.train, size=min(n, len(data.train)), replace=False))
+    report = {"test": retrieval(clip, store, data.captions, data.test),
+              "train_subset": retrieval(clip, store, data.captions, train_subset)}
+    store.close()
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    t = report["test"]
+    print(f"held-out retrieval over {t['n']} test images (chance {t['chance']:.4f}): image→caption top-1 "
+          f"{t['image_to_caption_top1']:.3f} (same text {t['image_to_caption_top1_same_text']:.3f}), "
+          f"caption→image top-1 {t['caption_to_image_top1']:.3f}; train subset image→caption "
+          f"{report['train_subset']['image_to_caption_top1']:.3f}", flush=True)
+    return report
