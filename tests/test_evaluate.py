@@ -194,3 +194,18 @@ def test_recons_from_a_png_folder_and_a_pt_file(tmp_path):
     assert torch.allclose(load_recons(folder), gts, atol=1e-6)
     torch.save({"recons": gts}, tmp_path / "r.pt")
     assert torch.equal(load_recons(tmp_path / "r.pt"), gts)
+
+
+def test_vision_flag_works_with_a_real_small_clip_checkpoint(tmp_path):
+    small_clip = pytest.importorskip("mindhier.vision.small_clip")
+    torch.manual_seed(0)
+    vocab = list(small_clip.SPECIALS) + ["red", "disc"]
+    cfg = small_clip.resolve_config(small_clip.PRESETS["tiny"], vocab)
+    small_clip.save_small_clip(tmp_path / "vision", small_clip.SmallClipModel(cfg), vocab)
+    gts = rand_images(4, seed=8)
+    write_tensor(tmp_path / "gt.safetensors", "images", gts)
+    write_tensor(tmp_path / "r.safetensors", "recons", gts)
+    out = tmp_path / "o"
+    assert main(["evaluate", "--recons", str(tmp_path / "r.safetensors"), "--images", str(tmp_path / "gt.safetensors"),
+                 "--vision", str(tmp_path / "vision"), "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["rows"]["all"]["clip_ours"] == 1.0
