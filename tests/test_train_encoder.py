@@ -188,6 +188,27 @@ def test_nan_voxels_are_a_clear_error(setup, tmp_path, capsys):
     assert "row 5" in err and "NaN" in err
 
 
+def test_non_finite_loss_skips_steps_then_stops(setup, tmp_path, monkeypatch):
+    import mindhier.train.encoder as trainer
+    from mindhier.train.common import NonFiniteLoss
+
+    real, calls = trainer.encoder_loss, []
+
+    def flaky(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), parts) if len(calls) <= 2 else (loss, parts)
+
+    monkeypatch.setattr(trainer, "encoder_loss", flaky)
+    out = tmp_path / "run"
+    assert cli(setup, out, "--epochs", "1") == 0
+    first = metrics(out)[0]["train"]
+    assert first["skipped"] == 2 and np.isfinite(first["loss"])
+    monkeypatch.setattr(trainer, "encoder_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), {}))
+    with pytest.raises(NonFiniteLoss, match="5 steps in a row"):
+        cli(setup, tmp_path / "run2", "--epochs", "1")
+
+
 def test_missing_vision_model_is_a_clear_error(setup, tmp_path, capsys):
     _, data, _ = setup
     rc = cli_main(["train-encoder", "--data", str(data), "--vision", str(tmp_path / "nope"),

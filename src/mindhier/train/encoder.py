@@ -19,6 +19,7 @@ where a run stopped; metrics go to OUT/metrics.jsonl.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -307,27 +308,31 @@ class Trainer:
             lr = common.warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.args.lr)
             common.set_lr(self.optimizer, lr)
             parts, gnorm = self._optimizer_step(batches[k * self.accum:(k + 1) * self.accum], guard)
-            for key, value in {**parts, "steps": 1}.items():
+            counts = {**parts, "steps": 1} if parts else {"skipped": 1}  # a skipped step adds no loss
+            for key, value in counts.items():
                 self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
             self.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.3f}")
+            bar.set_postfix(loss=f"{parts.get('loss', math.nan):.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.3f}")
             if self.args.save_every and self.step % self.args.save_every == 0 and k + 1 < self.steps_per_epoch:
                 self._save(epoch)
             if stop_at is not None and self.step >= stop_at:
                 break
         bar.close()
-        steps = self.epoch_sums.get("steps", 1)
-        return {key: value / steps for key, value in self.epoch_sums.items() if key != "steps"}
+        steps = max(1, self.epoch_sums.get("steps", 0))
+        return {key: value if key == "skipped" else value / steps
+                for key, value in self.epoch_sums.items() if key != "steps"}
 
     def _optimizer_step(self, micro_batches: list[np.ndarray], guard: dict) -> tuple[dict, float]:
+        """One optimiser step over ``accum`` micro batches: (mean loss parts over ranks, grad
+        norm), or ({}, nan) when the loss was not finite and the step was skipped."""
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         skip = False
         for i, rows in enumerate(micro_batches):
             voxels, targets = self._batch(rows)
             last = i == len(micro_batches) - 1
-            sync = self.ddp.no_sync() if self.d.enabled and not last else _null()
+            sync = self.ddp.no_sync() if self.d.enabled and not last else contextlib.nullcontext()
             with sync:
                 with self._autocast():
                     out = self.ddp(voxels)
@@ -341,7 +346,7 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
         if skip:  # every rank skips together (the finiteness flag was reduced over ranks)
             self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": math.nan}, math.nan
+            return {}, math.nan
         gnorm = common.grad_norm(self.model)
         self.optimizer.step()
         means = all_reduce_mean(torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device), self.d).tolist()
@@ -391,7 +396,7 @@ def evaluate(model, test, cache, layers, final_layer, device, autocast=None, chu
         idx = range(start, min(len(test), start + chunk))
         voxels = torch.stack([test[i]["voxels"] for i in idx]).to(device)
         targets = cache.rows_for(test.image_indices[start:start + len(idx)], names=sorted(set(names)))
-        with (autocast() if autocast else _null()):
+        with (autocast() if autocast else contextlib.nullcontext()):
             out = model(voxels)
         for m, g in enumerate(layers):
             cos[f"cosine_e{m + 1}"].append(flat_cosine(out.levels[m], targets[f"layer_{g}"].to(device)).cpu())
@@ -407,14 +412,6 @@ def evaluate(model, test, cache, layers, final_layer, device, autocast=None, chu
 
 
 # ---- small helpers ----------------------------------------------------------------------------
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _barrier(d: Dist) -> None:
     if d.enabled:
         torch.distributed.barrier()
