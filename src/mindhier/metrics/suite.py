@@ -86,7 +86,7 @@ class FeatureMetric(Metric):
         for start in range(0, len(images), batch_size):
             batch = self.preprocess(images[start:start + batch_size].to(device))
             feats = torch.as_tensor(self.extractor(batch))
-            out.append(feats.float().flatten(1).cpu().numpy().astype(np.float64))
+            out.append(feats.float().flatten(1).cpu().numpy())  # float32 storage; statistics run in float64
         return np.concatenate(out)
 
     @property
