@@ -98,7 +98,7 @@ def test_cli_writes_json_and_markdown_with_settings_rows_and_literature(tmp_path
     md = (out / "metrics.md").read_text()
     assert "| averaging | voxels |" in md and "| split | not stated |" in md
     assert "subj01 (n=5)" in md and "**average** (2 subjects)" in md
-    assert "*MindEye2 subj01, enhanced (published; not this run)* | 0.374 | 0.439 | 97.9% | 99.1%" in md
+    assert "*MindEye2 subj01, enhanced (published; not this run)* | 0.374 | 0.439 | 97.91% | 99.11%" in md
     assert "n/a" in md and "not comparable to EffNet-B1" in md and "--vision" in md
     # nothing is overwritten without --force
     assert main(argv) == 2

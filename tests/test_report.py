@@ -21,7 +21,7 @@ def test_table_marks_missing_metrics_not_available():
         [("ours", {"pixcorr": 0.25, "clip": 0.9, "alex2": None})],
         [("pixcorr", "PixCorr", "float"), ("clip", "CLIP", "percent"), ("alex2", "Alex(2)", "percent")],
     )
-    assert "| ours | 0.250 | 90.0% | n/a |" in md
+    assert "| ours | 0.250 | 90.00% | n/a |" in md
 
 
 def test_write_report_files(tmp_path):

@@ -49,7 +49,7 @@ def format_value(value, kind: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     if kind == "percent":
-        return f"{100 * value:.1f}%"
+        return f"{100 * value:.2f}%"  # two decimals, as MindEye2 reports (e.g. 97.91)
     return f"{value:.3f}"
 
 
