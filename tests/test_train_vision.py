@@ -96,7 +96,7 @@ def test_resumed_run_matches_uninterrupted_run(pairs_root, tmp_path, capsys):
 def test_resume_into_another_preset_names_the_fields(pairs_root, tmp_path):
     cpu = Dist(0, 1, 0, torch.device("cpu"))
     train_vision.train(args_for(pairs_root, tmp_path / "r", epochs=1), cpu)
-    with pytest.raises(ConfigError, match="layers: expected 12, checkpoint has 8"):
+    with pytest.raises(ConfigError, match="width: expected 128, checkpoint has 32"):
         train_vision.train(args_for(pairs_root, tmp_path / "r", epochs=2, resume=True, preset="demo"), cpu)
     with pytest.raises(MindhierError, match="no checkpoint"):
         train_vision.train(args_for(pairs_root, tmp_path / "none", resume=True), cpu)

@@ -39,7 +39,7 @@ class SmallClipConfig:
     image_size: int = 64
     patch_size: int = 8
     width: int = 128
-    layers: int = 12
+    layers: int = 8
     heads: int = 4
     text_len: int = 24  # sot + words + eot, padded; longer captions are truncated
     text_width: int = 128
@@ -54,8 +54,11 @@ class SmallClipConfig:
         return (self.image_size // self.patch_size) ** 2 + 1
 
 
-# tiny: tests (32 px, 4x4 patches + CLS, 8 thin layers so the three layer maps differ). demo: 64 px, 8x8 patches + CLS, 12 layers so that the
-# paper's three layer maps scale exactly (24 -> 12: {6,8,10,12}, {3,6,9,12}, {9,10,11,12}).
+# tiny: tests (32 px, 4x4 patches + CLS; 8 thin layers so the three layer maps differ).
+# demo: 64 px, 8x8 patches + CLS, 8 layers x 128 — sized to train in minutes on a CPU; the layer
+#   maps scale to {4,5,7,8} (balanced), {2,4,6,8} (early), {5,6,7,8} (late).
+# large: 64 px with 4x4 patches = 257 tokens like ViT-L/14@224, 12 layers (maps scale exactly:
+#   {6,8,10,12}, {3,6,9,12}, {9,10,11,12}); meant for a GPU.
 PRESETS = {
     "tiny": SmallClipConfig(image_size=32, patch_size=8, width=32, layers=8, heads=2, text_len=24,
                             text_width=32, text_layers=2, text_heads=2, embed_dim=32),
