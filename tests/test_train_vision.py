@@ -23,7 +23,7 @@ PLACES = {"top left": (0, 0), "top right": (0, 16), "bottom left": (16, 0), "bot
 @pytest.fixture(scope="module")
 def pairs_root(tmp_path_factory):
     """64 images of 32 px: a coloured square in one quadrant, 5 paraphrased captions each,
-    8 of them held out as test images (world/world.json 'test_image_indices')."""
+    8 of them held out as test images (world/world.json 'test_images', as `mindhier world` writes)."""
     root = tmp_path_factory.mktemp("pairs")
     rng = np.random.default_rng(0)
     images, captions = [], []
@@ -39,7 +39,7 @@ def pairs_root(tmp_path_factory):
         f.create_dataset("images", data=np.stack(images).astype(np.float16))
     np.save(root / "COCO_73k_annots_curated.npy", np.array(captions))
     (root / "world").mkdir()
-    (root / "world" / "world.json").write_text(json.dumps({"test_image_indices": list(range(56, 64))}))
+    (root / "world" / "world.json").write_text(json.dumps({"test_images": list(range(56, 64))}))
     return root
 
 

@@ -74,16 +74,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------- data
 def test_image_indices(root: Path) -> np.ndarray:
-    """The held-out images: world.json's list, else every subject's shared test images."""
+    """The held-out images: world.json's ``test_images``, else every subject's test images."""
     info = layout.world_info_path(root)
     if info.is_file():
-        listed = json.loads(info.read_text()).get("test_image_indices")
+        world = json.loads(info.read_text())
+        listed = world.get("test_images", world.get("test_image_indices"))
         if listed is not None:
             return np.unique(np.asarray(listed, dtype=np.int64))
     found = [SubjectIndex(root, s, check_betas=False).test_images for s in layout.subjects_in(root)]
     if not found:
         raise DataError(f"{root}: cannot tell the test images apart (no world/world.json with "
-                        "'test_image_indices' and no subject tars); create the data with `mindhier world`")
+                        "'test_images' and no subject tars); create the data with `mindhier world`")
     return np.unique(np.concatenate(found))
 
 

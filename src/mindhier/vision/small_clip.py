@@ -41,7 +41,7 @@ class SmallClipConfig:
     width: int = 128
     layers: int = 8
     heads: int = 4
-    text_len: int = 24  # sot + words + eot, padded; longer captions are truncated
+    text_len: int = 40  # sot + words + eot, padded (world captions have <= 32 words); longer ones are cut
     text_width: int = 128
     text_layers: int = 4
     text_heads: int = 4
@@ -60,7 +60,7 @@ class SmallClipConfig:
 # large: 64 px with 4x4 patches = 257 tokens like ViT-L/14@224, 12 layers (maps scale exactly:
 #   {6,8,10,12}, {3,6,9,12}, {9,10,11,12}); meant for a GPU.
 PRESETS = {
-    "tiny": SmallClipConfig(image_size=32, patch_size=8, width=32, layers=8, heads=2, text_len=24,
+    "tiny": SmallClipConfig(image_size=32, patch_size=8, width=32, layers=8, heads=2, text_len=40,
                             text_width=32, text_layers=2, text_heads=2, embed_dim=32),
     "demo": SmallClipConfig(),
     "large": SmallClipConfig(image_size=64, patch_size=4, width=256, layers=12, heads=8,
