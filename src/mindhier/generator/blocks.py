@@ -173,7 +173,11 @@ class GeneratorBlock(nn.Module):
         """This layer's cross-attention K/V for a context (B, Lctx, Dctx): the per-image cache."""
         return self.cross_attn.keys_values(self.context_norm(context))
 
-    def forward(self, x, cond, cos, sin, self_mask, cross_kv, cross_mask):
+    def forward(self, x, cond, cos, sin, self_mask, cross_mask, context=None, cross_kv=None):
+        """``cross_kv`` (this layer's cached K/V) or ``context`` (K/V computed here, inside
+        forward, so that FSDP has this block's weights gathered when they are used)."""
+        if cross_kv is None:
+            cross_kv = self.cross_keys_values(context)
         gate1, gate2, scale1, scale2, shift1, shift2 = self.adaln(F.silu(cond)).unsqueeze(1).chunk(6, -1)
         h = self.self_attn(self.self_attn_pre_norm(x) * (1 + scale1) + shift1, cos, sin, self_mask)
         x = x + self.self_attn_post_norm(h) * gate1

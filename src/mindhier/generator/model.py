@@ -232,8 +232,7 @@ class ScaleAwareGenerator(nn.Module):
         cross_mask = self.cross_mask(cond)
         hidden = [x]
         for block in self.blocks:
-            kv = block.cross_keys_values(context)
-            x = block(x, cond_vec, self.rope_cos, self.rope_sin, self.self_mask, kv, cross_mask)
+            x = block(x, cond_vec, self.rope_cos, self.rope_sin, self.self_mask, cross_mask, context=context)
             hidden.append(x)
         logits = self.head(x, cond_vec)
         return (logits, hidden) if return_hidden else logits
@@ -265,5 +264,5 @@ class ScaleAwareGenerator(nn.Module):
         cols = None if visible is None else visible.nonzero().squeeze(1)
         for block, (k, v) in zip(self.blocks, cache.keys_values):
             kv = (k, v) if cols is None else (k[:, :, cols], v[:, :, cols])
-            x = block(x, cache.cond_vec, cos, sin, None, kv, None)
+            x = block(x, cache.cond_vec, cos, sin, None, None, cross_kv=kv)
         return self.head(x, cache.cond_vec)

@@ -1,0 +1,457 @@
+"""Stage 2: train the scale-aware generator on a frozen encoder and tokenizer (paper §3.3,
+appendix E; SPEC §5, §7).
+
+Each step draws training trials, zeroes the voxels of 10 % of them (classifier-free guidance:
+the null condition is the encoder's output for zero voxels), runs the frozen encoder to get
+e_1..e_M, and trains the generator with teacher forcing on the stimulus's token pyramid:
+cross-entropy over all L tokens, uniform 1/L. AdamW (0.9, 0.95), warmup then cosine, gradient
+clipping at 1.0, bf16 autocast where supported.
+
+    mindhier train-generator --data worlds/demo --subject 1 --encoder runs/encoder/encoder \\
+        --tokenizer runs/tokenizer/tokenizer --out runs/generator
+    torchrun --standalone --nproc_per_node=2 -m mindhier train-generator ...   (same flags)
+
+Several processes: FSDP2 (``fully_shard`` per block, then the root; frozen encoder and tokenizer
+replicated) — it runs on CPU/gloo as well as CUDA/NCCL; ``--parallel ddp`` uses DDP instead. The
+global batch of every step is drawn from (seed, step) and split over ranks, so 1 and N processes
+train on the same samples. ``--init-switti FILE`` starts the body from a released Switti
+checkpoint (the paper's stage 2 is "pretrained by Switti") and prints what was loaded and what
+was re-initialised.
+
+OUT/generator.{safetensors,json}   model + optimizer (``--resume`` continues exactly)
+OUT/tokens.safetensors             the training images' token pyramids (computed once)
+OUT/samples/step_NNNNNNN.png       test stimuli (top) and reconstructions (bottom), periodically
+OUT/log.jsonl                      loss, token accuracy, lr, gradient norm
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mindhier.checkpoint import check_config, load_checkpoint, load_state_strict, paths_for, save_checkpoint
+from mindhier.config import diff_configs, get_preset, to_dict
+from mindhier.data import ImageStore, SubjectIndex, TestSet, TrainTrials, data_manifest, diff_manifests
+from mindhier.encoder import load_encoder
+from mindhier.errors import MindhierError
+from mindhier.generator import PRESETS, ROUTINGS, ScaleAwareGenerator, load_switti_weights
+from mindhier.reconstruct import (
+    GENERATOR_KIND, TRAINING_PREFIXES, checkpoint_identity, encode_conditions, generator_config_for,
+)
+from mindhier.sampling import SamplingSettings, reconstruct
+from mindhier.tokenizer import load_tokenizer
+from mindhier.train import common
+from mindhier.train.distributed import Dist, all_reduce_mean, init_distributed, shutdown, split_global_batch
+
+CHECKPOINT = "generator"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Run settings besides the model shape; compared on --resume."""
+
+    subject: int
+    steps: int
+    global_batch: int
+    lr: float
+    weight_decay: float
+    warmup: int
+    grad_clip: float
+    seed: int
+    precision: str
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, module doc kept as written."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = _HelpFormatter
+    p.add_argument("--data", required=True, help="data folder in MindEye2 layout (a world or prepared NSD)")
+    p.add_argument("--subject", type=int, default=1, help="NSD subject number (the encoder's)")
+    p.add_argument("--encoder", required=True, help="frozen stage-1 encoder: a train-encoder checkpoint")
+    p.add_argument("--tokenizer", required=True, help="frozen tokenizer: a train-tokenizer checkpoint")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                   help="generator size; scales/vocabulary/context widths always follow the frozen models")
+    p.add_argument("--routing", default="scale-aware", choices=ROUTINGS,
+                   help="which fMRI level each scale reads: the paper's coarse-to-fine, its inverted "
+                        "ablation (Table 4), e_M only (Table 2), or everything")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (paper: 9k at batch 80)")
+    p.add_argument("--global-batch", type=int, default=32, help="samples per step over all processes (paper: 80)")
+    p.add_argument("--max-micro-batch", type=int, default=None, help="largest per-process forward; above it, accumulate")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (paper: 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases/norms)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of zeroing a sample's voxels (CFG)")
+    p.add_argument("--tokens", default="cached", choices=("cached", "on-the-fly"),
+                   help="tokenize the training images once (OUT/tokens.safetensors) or every step")
+    p.add_argument("--init-switti", default=None, help="start from released Switti weights (.safetensors)")
+    p.add_argument("--parallel", default="fsdp", choices=("fsdp", "ddp"), help="multi-process strategy")
+    p.add_argument("--sample-every", type=int, default=500, help="write a sample grid every N steps (0: only at the end)")
+    p.add_argument("--sample-images", type=int, default=8, help="test images in the sample grid")
+    p.add_argument("--sample-cfg", type=float, default=3.0, help="CFG of the sample grid")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after N steps in this invocation (then --resume)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32"), help="auto: bf16 autocast where fast")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    d = init_distributed(args.device)
+    try:
+        Trainer(args, d).fit()
+    finally:
+        shutdown(d)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process wrapping
+# ---------------------------------------------------------------------------------------------
+
+def parallelize(model: ScaleAwareGenerator, d: Dist, how: str) -> torch.nn.Module:
+    """FSDP2 (each block its own unit, then the root) or DDP; the model itself when alone."""
+    if not d.enabled:
+        return model
+    if how == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module):
+    """Gather FSDP-sharded weights for code outside ``forward`` (sampling); every rank enters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def optimizer_tensors(model, opt) -> tuple[dict, dict]:
+    """Full (unsharded) optimizer state as flat tensors ``optim.{param}.{name}`` + JSON groups."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(model, opt, options=state_options(cpu_offload=True))
+    tensors = {f"optim.{fqn}.{name}": v for fqn, st in sd.get("state", {}).items() for name, v in st.items()}
+    return tensors, {"param_groups": sd.get("param_groups", [])}
+
+
+def restore_optimizer(model, opt, tensors: dict, info: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            fqn, name = key[len("optim."):].rsplit(".", 1)
+            state.setdefault(fqn, {})[name] = value
+    set_optimizer_state_dict(model, opt, {"state": state, "param_groups": info["param_groups"]},
+                             options=state_options())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, d: Dist):
+        self.args, self.d, self.device = args, d, d.device
+        self.out = Path(args.out)
+        self.ckpt = self.out / CHECKPOINT
+        weights = paths_for(self.ckpt)[0]
+        if args.resume and not weights.exists():
+            raise MindhierError(f"--resume: no checkpoint {weights}; start without --resume")
+        if weights.exists() and not (args.resume or args.force):
+            raise MindhierError(f"{weights} exists; pass --resume to continue that run or --force to start over")
+        common.seed_everything(args.seed)
+        self._load_frozen()
+        self._build()
+
+    def _load_frozen(self) -> None:
+        a = self.args
+        index = SubjectIndex(a.data, a.subject)
+        self.train = TrainTrials(a.data, a.subject, index=index)
+        self.test = TestSet(a.data, a.subject, policy="average", index=index, expected_voxels=self.train.num_voxels)
+        self.images = ImageStore(a.data)
+        self.encoder, self.enc_meta = load_encoder(a.encoder, num_voxels=self.train.num_voxels, subject=a.subject,
+                                                   device=self.device)
+        self.encoder.requires_grad_(False)
+        self.tokenizer = load_tokenizer(a.tokenizer, device=self.device).requires_grad_(False)
+        self.tok_meta = load_checkpoint(a.tokenizer, kind="tokenizer")[1]
+        self.manifest = data_manifest(a.data, [a.subject])
+        if len(self.train) < a.global_batch:
+            raise MindhierError(f"subject {a.subject} has {len(self.train)} training trials, fewer than "
+                                f"--global-batch {a.global_batch}; lower the batch")
+
+    def _build(self) -> None:
+        a, d = self.args, self.d
+        base = get_preset(PRESETS, a.preset, "generator")
+        self.cfg = generator_config_for(base, self.encoder, self.tokenizer, routing=a.routing,
+                                        cond_drop_prob=a.cond_drop)
+        self.settings = TrainSettings(subject=a.subject, steps=a.steps, global_batch=a.global_batch, lr=a.lr,
+                                      weight_decay=a.weight_decay, warmup=a.warmup, grad_clip=a.grad_clip,
+                                      seed=a.seed, precision=a.precision)
+        torch.manual_seed(a.seed)
+        self.model = ScaleAwareGenerator(self.cfg)
+        if a.init_switti and not a.resume:
+            report = load_switti_weights(self.model, a.init_switti)
+            if d.is_main:
+                print(report.summary(), flush=True)
+        self.step, resume = 0, None
+        if a.resume:
+            resume = self._read_resume()
+        self.model.to(self.device)
+        self.wrapped = parallelize(self.model, d, a.parallel)
+        self.optimizer = common.adamw(self.model, a.lr, a.weight_decay, betas=(0.9, 0.95))
+        if resume is not None:
+            restore_optimizer(self.model, self.optimizer, *resume)
+        self.micro, self.accum = split_global_batch(a.global_batch, d.world_size, a.max_micro_batch)
+        self.tokens = self._token_table() if a.tokens == "cached" else None
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"subject": self.args.subject, "num_voxels": self.train.num_voxels,
+                "encoder": checkpoint_identity(self.enc_meta), "tokenizer": checkpoint_identity(self.tok_meta),
+                "encoder_path": str(self.args.encoder), "tokenizer_path": str(self.args.tokenizer),
+                "train": to_dict(self.settings), "data_manifest": self.manifest,
+                "init_switti": self.args.init_switti,
+                "progress": {"step": self.step, "world_size": self.d.world_size, "parallel": self.args.parallel}}
+
+    def _save(self) -> None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        tensors = get_model_state_dict(self.model, options=state_options(cpu_offload=True))
+        optim, info = optimizer_tensors(self.model, self.optimizer)
+        if self.d.is_main:
+            meta = self._meta()
+            meta["optimizer"] = info
+            save_checkpoint(self.ckpt, {**tensors, **optim}, kind=GENERATOR_KIND, config=self.cfg, extra=meta)
+
+    def _read_resume(self):
+        tensors, meta = load_checkpoint(self.ckpt, kind=GENERATOR_KIND)
+        where = paths_for(self.ckpt)[1]
+        check_config(meta, self.cfg, where)
+        diffs = diff_configs(to_dict(self.settings), meta.get("train", {}))
+        for role, own in (("encoder", self.enc_meta), ("tokenizer", self.tok_meta)):
+            if meta.get(role) != checkpoint_identity(own):
+                diffs.append(f"{role}: the checkpoint was trained with another {role} ({meta.get(f'{role}_path')})")
+        diffs += diff_manifests(meta.get("data_manifest", {}), self.manifest)
+        if diffs:
+            raise MindhierError(f"--resume: {where} was trained differently:\n  " + "\n  ".join(diffs)
+                                + "\nRerun with the same flags and inputs, or start a new run in another --out.")
+        load_state_strict(self.model, {k: v for k, v in tensors.items() if not k.startswith(TRAINING_PREFIXES)}, where)
+        self.step = int(meta["progress"]["step"])
+        if self.d.is_main:
+            print(f"resumed {where} at step {self.step}/{self.args.steps}", flush=True)
+        return tensors, meta["optimizer"]
+
+    # ---- data -----------------------------------------------------------------------------
+    def _load_images(self, image_indices: np.ndarray) -> torch.Tensor:
+        """Stimuli in the tokenizer's [-1, 1] input range at its resolution."""
+        order = np.argsort(image_indices)
+        x = torch.empty((len(image_indices), 3) + tuple(self.images.image_size))
+        x[torch.from_numpy(order)] = torch.from_numpy(self.images.get(image_indices[order]))
+        size = self.tokenizer.image_size
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        return self.tokenizer.images01_to_input(x.to(self.device))
+
+    @torch.no_grad()
+    def _tokenize(self, image_indices: np.ndarray) -> torch.Tensor:
+        """(n, L) token pyramids of images, scales concatenated coarse to fine."""
+        return torch.cat(self.tokenizer.img_to_indices(self._load_images(image_indices)), dim=1)
+
+    def _token_table(self) -> dict:
+        """Tokens of every training image, computed once by rank 0 into OUT/tokens.safetensors."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.out / "tokens.safetensors"
+        wanted = np.unique(self.train.image_indices)
+        key = json.dumps(checkpoint_identity(self.tok_meta), sort_keys=True)
+        if self.d.is_main:
+            fresh = not path.exists() or json.loads(_metadata(path).get("tokenizer", "null")) != json.loads(key)
+            if not fresh:
+                fresh = not np.array_equal(load_file(str(path))["image_index"].numpy(), wanted)
+            if fresh:
+                self.out.mkdir(parents=True, exist_ok=True)
+                chunks = [wanted[i:i + 64] for i in range(0, len(wanted), 64)]
+                rows = [self._tokenize(c).cpu() for c in common.progress(chunks, desc="tokenizing training images")]
+                save_file({"image_index": torch.from_numpy(wanted), "tokens": torch.cat(rows).to(torch.int32)},
+                          str(path), metadata={"tokenizer": key})
+        if self.d.enabled:
+            torch.distributed.barrier()
+        table = load_file(str(path))
+        lookup = {int(i): r for r, i in enumerate(table["image_index"].tolist())}
+        return {"rows": lookup, "tokens": table["tokens"]}
+
+    def _global_batch(self, step: int) -> tuple[np.ndarray, torch.Tensor]:
+        """(trial rows, keep-condition flags) of a step's global batch, from (seed, step) only,
+        so 1 and N processes and a resumed run see the same samples."""
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
+        rows = torch.randint(0, len(self.train), (self.args.global_batch,), generator=g).numpy()
+        keep = torch.rand(self.args.global_batch, generator=g) >= self.args.cond_drop
+        return rows, keep
+
+    def _micro_batches(self, step: int):
+        rows, keep = self._global_batch(step)
+        per_rank = self.micro * self.accum
+        lo = self.d.rank * per_rank
+        for m in range(self.accum):
+            sl = slice(lo + m * self.micro, lo + (m + 1) * self.micro)
+            yield self._inputs(rows[sl], keep[sl])
+
+    @torch.no_grad()
+    def _inputs(self, rows: np.ndarray, keep: torch.Tensor):
+        voxels = torch.stack([self.train[int(r)]["voxels"] for r in rows]).to(self.device)
+        voxels = voxels * keep.to(self.device, voxels.dtype)[:, None]       # CFG: zero voxels before the encoder
+        images = self.train.image_indices[rows]
+        if self.tokens is not None:
+            targets = self.tokens["tokens"][[self.tokens["rows"][int(i)] for i in images]].long().to(self.device)
+        else:
+            targets = self._tokenize(images)
+        indices = list(targets.split([pn * pn for pn in self.cfg.scales], dim=1))
+        tf_input = self.tokenizer.teacher_forcing_input(indices)
+        with self._autocast():
+            levels = self.encoder(voxels).levels
+        return tf_input, [e.float() for e in levels], targets
+
+    def _autocast(self):
+        return common.autocast(self.device, enabled=self.args.precision != "fp32")
+
+    # ---- the loop -------------------------------------------------------------------------
+    def fit(self) -> None:
+        a, d = self.args, self.d
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _trim_log(self.out / "log.jsonl", self.step)   # a fresh run starts it anew, a resumed one at its step
+            print(f"train-generator: subject {a.subject}, {len(self.train)} trials | {a.preset} generator "
+                  f"{self.model.num_params():,} "
+                  f"params, routing {a.routing} {self.model.routing_table()} | {d.world_size} process(es) "
+                  f"({a.parallel if d.enabled else 'single'}) x {self.micro} x {self.accum} accum = batch "
+                  f"{a.global_batch}", flush=True)
+        stop_at = self.step + a.stop_after if a.stop_after is not None else a.steps
+        guard: dict = {}
+        bar = common.progress(total=a.steps, initial=self.step, desc="train-generator", enabled=d.is_main)
+        while self.step < min(a.steps, stop_at):
+            lr = common.warmup_cosine(self.step, a.steps, a.warmup, a.lr)
+            common.set_lr(self.optimizer, lr)
+            started = time.perf_counter()
+            stats = self._optimizer_step(guard)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.3f}", lr=f"{lr:.2e}")
+            if d.is_main:
+                _log(self.out, {"step": self.step, "lr": lr, "seconds": round(time.perf_counter() - started, 4), **stats})
+            done = self.step >= min(a.steps, stop_at)
+            if done or (a.save_every and self.step % a.save_every == 0):
+                self._save()
+            if (a.sample_every and self.step % a.sample_every == 0) or self.step == a.steps:
+                self._sample_grid()
+        bar.close()
+
+    def _optimizer_step(self, guard: dict) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "accuracy": 0.0}
+        for m, (tf_input, levels, targets) in enumerate(self._micro_batches(self.step)):
+            last = m == self.accum - 1
+            with self._no_sync(not last):
+                with self._autocast():
+                    logits = self.wrapped(tf_input, levels)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # uniform 1/L
+                (loss / self.accum).backward()
+            sums["loss"] += float(loss.detach()) / self.accum
+            sums["accuracy"] += float((logits.argmax(-1) == targets).float().mean()) / self.accum
+        stats = {k: float(all_reduce_mean(torch.tensor(v), self.d)) for k, v in sums.items()}
+        if not common.check_finite(torch.tensor(stats["loss"]), self.step, 5, guard):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**stats, "grad_norm": math.nan}
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.optimizer.step()
+        return {**stats, "grad_norm": float(norm)}
+
+    def _no_sync(self, skip_sync: bool):
+        if not self.d.enabled or not skip_sync:
+            if self.d.enabled and self.args.parallel == "fsdp":
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.args.parallel == "fsdp":
+            self.model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
+
+    @torch.no_grad()
+    def _sample_grid(self) -> None:
+        """Test stimuli over their reconstructions (single-shot) → OUT/samples/step_N.png.
+
+        Every rank samples the same images (per-image seeds make them identical), so the
+        collectives FSDP issues inside the blocks match; rank 0 writes the picture."""
+        from mindhier.report import image_grid
+
+        n = min(self.args.sample_images, len(self.test))
+        fsdp = self.d.enabled and self.args.parallel == "fsdp"
+        with (full_weights(self.model) if fsdp else contextlib.nullcontext()):
+            self.model.eval()
+            voxels = torch.stack([self.test[i]["voxels"] for i in range(n)]).to(self.device)
+            ids = [int(i) for i in self.test.image_indices[:n]]
+            settings = SamplingSettings(cfg=self.args.sample_cfg, num_candidates=1, seed=self.args.seed)
+            with self._autocast():
+                cond, null, _ = encode_conditions(self.encoder, self.model, voxels)
+                rec = reconstruct(self.model, self.tokenizer, cond, null, settings, ids)
+            self.model.train()
+        if self.d.is_main:
+            truth = self.tokenizer.output_to_images01(self._load_images(np.asarray(ids)))
+            (self.out / "samples").mkdir(parents=True, exist_ok=True)
+            image_grid([truth.float().cpu().numpy(), rec.single_shot.float().cpu().numpy()], cell=64).save(
+                self.out / "samples" / f"step_{self.step:07d}.png")
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep only the records up to ``step`` (later ones belong to an interrupted run)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
