@@ -229,9 +229,9 @@ def _vision_embedder(args, enc_meta, device):
     from mindhier.vision import load_vision
 
     path = args.vision or enc_meta.get("vision", {}).get("path")
-    if not path or not Path(path).exists():
-        raise MindhierError(f"best-of-N needs the vision model to embed candidates; {path!r} not found: "
-                            "pass --vision (the model the encoder was trained against) or --candidates 1")
+    if not path:
+        raise MindhierError("best-of-N needs the vision model to embed candidates and the encoder checkpoint "
+                            "names none: pass --vision (the model the encoder was trained against) or --candidates 1")
     vision = load_vision(path, device=device).freeze()
     return lambda images01: vision.image_embedding(images01.to(device))
 

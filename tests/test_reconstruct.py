@@ -1,0 +1,98 @@
+"""`mindhier reconstruct`: output files, batch- and world-size invariance, best-of-N labelled,
+and checkpoints that do not belong together refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mindhier.checkpoint import save_checkpoint
+from mindhier.cli import main as cli_main
+from test_train_generator import REPO, make_stack, train_args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    stack = make_stack(tmp_path_factory.mktemp("recon"))
+    out = stack["root"] / "gen"
+    assert cli_main(train_args(stack, out, steps=4)) == 0
+    return {**stack, "generator": out / "generator"}
+
+
+def recon_args(t: dict, out: Path, *extra: str) -> list[str]:
+    return ["reconstruct", "--data", str(t["world"]), "--encoder", str(t["encoder"]),
+            "--tokenizer", str(t["tokenizer"]), "--generator", str(t["generator"]), "--out", str(out),
+            "--limit", "5", "--top-k", "20", *extra]
+
+
+def test_outputs_are_complete_and_independent_of_batch_size(trained):
+    one, three = trained["root"] / "r1", trained["root"] / "r3"
+    assert cli_main(recon_args(trained, one, "--candidates", "1", "--batch", "1")) == 0
+    assert cli_main(recon_args(trained, three, "--candidates", "1", "--batch", "3")) == 0
+    a, b = load_file(str(one / "recons.safetensors")), load_file(str(three / "recons.safetensors"))
+    assert a["recons"].shape == (5, 3, 32, 32)
+    assert torch.equal(a["recons"], b["recons"])
+    assert 0 <= float(a["recons"].min()) and float(a["recons"].max()) <= 1
+    index = a["image_index"].tolist()
+    assert index == sorted(index)
+    assert sorted(p.name for p in (one / "images").iterdir()) == [f"{i:06d}.png" for i in index]
+    assert len(list((one / "coarse_to_fine").iterdir())) == 4
+    settings = json.loads((one / "settings.json").read_text())
+    assert settings["labels"] == ["single-shot"] and settings["sampling"]["num_candidates"] == 1
+    assert "averaged" in settings["averaging"] and settings["routing"] == "scale-aware"
+
+
+def test_best_of_n_is_labelled_and_keeps_single_shot(trained):
+    out = trained["root"] / "r_best"
+    assert cli_main(recon_args(trained, out, "--candidates", "3")) == 0
+    best = load_file(str(out / "recons.safetensors"))
+    single = load_file(str(out / "recons_single-shot.safetensors"))
+    plain = load_file(str(trained["root"] / "r1" / "recons.safetensors")) if (trained["root"] / "r1").exists() else None
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["labels"] == ["single-shot", "best-of-3"] and settings["primary"] == "best-of-3"
+    assert "predicted embedding" in settings["best_of_n_ranking"]
+    chosen = [settings["chosen"][str(i)] for i in best["image_index"].tolist()]
+    for b, c in enumerate(chosen):
+        if c == 0:
+            assert torch.equal(best["recons"][b], single["recons"][b])
+    if plain is not None:   # candidate 0 of best-of-N is the single-shot run's image
+        assert torch.equal(plain["recons"], single["recons"])
+
+
+def test_misuse_fails_clearly(trained, capsys):
+    other_tok = trained["root"] / "other_tokenizer" / "tokenizer"
+    from mindhier.tokenizer import PRESETS, MultiScaleVQVAE
+
+    save_checkpoint(other_tok, MultiScaleVQVAE(PRESETS["tiny"]).state_dict(), kind="tokenizer", config=PRESETS["tiny"])
+    cases = [
+        (recon_args(trained, trained["root"] / "x1", "--candidates", "1")[:6] + [str(other_tok)]
+         + recon_args(trained, trained["root"] / "x1", "--candidates", "1")[7:], "is not the tokenizer"),
+        (recon_args(trained, trained["root"] / "x2", "--candidates", "1", "--subject", "2"), "subject"),
+        (recon_args(trained, trained["root"] / "r1", "--candidates", "1"), "exists"),
+    ]
+    (trained["root"] / "r1").mkdir(exist_ok=True)
+    (trained["root"] / "r1" / "recons.safetensors").touch(exist_ok=True)
+    capsys.readouterr()
+    for args, message in cases:
+        assert cli_main(args) != 0
+        assert message in capsys.readouterr().err
+
+
+def test_two_processes_give_the_same_images(trained):
+    one, two = trained["root"] / "w1", trained["root"] / "w2"
+    assert cli_main(recon_args(trained, one, "--candidates", "1", "--batch", "2")) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "mindhier",
+           *recon_args(trained, two, "--candidates", "1", "--batch", "2")]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.equal(load_file(str(one / "recons.safetensors"))["recons"],
+                       load_file(str(two / "recons.safetensors"))["recons"])
