@@ -321,7 +321,6 @@ def test_switti_loader_copies_values():
     """Round trip: a tiny model's weights renamed to Switti keys load back identically."""
     src = tiny_model(seed=3)
     ours_to_switti = {}
-    from mindhier.generator.switti_keys import SWITTI_TO_MINDHIER  # noqa: F401  (the one table)
     candidates = [
         "word_embed.weight", "word_embed.bias", "text_pooler.weight", "text_pooler.bias", "pos_start",
         "lvl_embed.weight", "head_nm.ada_lin.1.weight", "head_nm.ada_lin.1.bias", "head.weight", "head.bias",

@@ -32,13 +32,12 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mindhier.checkpoint import CheckpointError, load_checkpoint, load_state_strict, paths_for
+from mindhier.checkpoint import load_checkpoint, load_state_strict, paths_for
 from mindhier.config import from_dict
 from mindhier.errors import MindhierError
-from mindhier.generator import Condition, GeneratorConfig, ScaleAwareGenerator
+from mindhier.generator import GeneratorConfig, ScaleAwareGenerator
 from mindhier.sampling import Reconstructions, SamplingSettings, reconstruct
 
 GENERATOR_KIND = "generator"

@@ -18,6 +18,7 @@ class CortexConfig:
     """Simulated visual cortex shared by all subjects of a world (cortex.py)."""
 
     roi_fractions: tuple[float, float, float] = (0.45, 0.30, 0.25)  # early, mid, high
+    early_signed_fraction: float = 0.2  # early voxels reading luminance/colour (the rest: Gabor energy)
     early_rf_sigma: tuple[float, float] = (0.03, 0.08)  # RF sd, image fractions, fovea → periphery
     mid_rf_sigma: tuple[float, float] = (0.09, 0.2)
     # Trial-to-trial noise *in the represented quantity* (feature maps, category evidence),

@@ -53,8 +53,15 @@ SHAPE_ATTRIBUTES = np.array([
 assert len(SHAPE_ATTRIBUTES) == len(CATEGORIES)
 
 N_EARLY_CHANNELS = 11  # L, RG, BY, then energy at 4 orientations × 2 frequencies
-_EARLY_CHANNEL_P = np.array([0.18, 0.12, 0.12] + [0.58 / 8] * 8)
 _SIGNED_CHANNELS = 3  # the first three channels are signed (a voxel prefers one sign)
+
+
+def early_channel_probabilities(signed_fraction: float) -> np.ndarray:
+    """How early voxels spread over the channels: ``signed_fraction`` read luminance (40 %) or
+    colour opponency (30 % each), the rest Gabor energy, evenly over orientation × frequency."""
+    signed = signed_fraction * np.array([0.4, 0.3, 0.3])
+    energy = np.full(N_EARLY_CHANNELS - _SIGNED_CHANNELS, (1 - signed_fraction) / (N_EARLY_CHANNELS - _SIGNED_CHANNELS))
+    return np.concatenate([signed, energy])
 
 
 def opponent(rgb: np.ndarray) -> np.ndarray:
@@ -193,7 +200,7 @@ def build_cortex(cfg: WorldConfig, seed: int, subject: int) -> SubjectCortex:
     roi = rng.permutation(np.repeat(np.arange(3, dtype=np.int8), sizes))
     n_cat, n_col = len(CATEGORIES), len(COLOUR_NAMES)
 
-    early_channel = rng.choice(N_EARLY_CHANNELS, size=ve, p=_EARLY_CHANNEL_P)
+    early_channel = rng.choice(N_EARLY_CHANNELS, size=ve, p=early_channel_probabilities(cx.early_signed_fraction))
     early_sign = np.where((early_channel < _SIGNED_CHANNELS) & (rng.random(ve) < 0.5), -1.0, 1.0)
 
     # mid: shape-attribute preference × Gaussian colour tuning in opponent space

@@ -12,9 +12,8 @@ the report also checks that the files are what NSD loaders expect. On the held-o
   test images of the Pearson r between predicted and true pixels (the MindEye2 metric, at
   16×16). ``mean_image`` is the PixCorr of always predicting the mean training image.
 
-Ridge penalties are chosen on a seeded 20 % validation split of the training images, from a
-grid relative to the mean squared singular value of the data, then refit on all training
-images.
+Ridge penalties are chosen by exact leave-one-out over the training images, from a grid
+relative to the mean squared singular value of the data, then refit on all training images.
 """
 
 from __future__ import annotations
@@ -30,34 +29,69 @@ from mindhier.world.generate import read_world_info
 
 RELATIVE_ALPHAS = 10.0 ** np.arange(-3.0, 2.01, 0.5)
 PIX_RES = 16
-VALIDATION_FRACTION = 0.2
 
 
 # ---------------------------------------------------------------- ridge
 
-def ridge_fits(x: np.ndarray, y: np.ndarray, relative_alphas=RELATIVE_ALPHAS):
-    """Yield (relative alpha, predict) for each penalty; one SVD serves them all.
+class Ridge:
+    """Closed-form ridge regression, many penalties and targets from one eigendecomposition.
 
-    Both x and y are centred on their training means (an unpenalised intercept)."""
-    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
-    u, s, vt = np.linalg.svd(x - x_mean, full_matrices=False)
-    uty = u.T @ (y - y_mean)
-    scale = float(np.mean(s**2))
-    for rel in relative_alphas:
-        w = vt.T @ ((s / (s**2 + rel * scale))[:, None] * uty)
-        yield float(rel), (lambda xn, w=w: (xn - x_mean) @ w + y_mean)
+    x and y are centred on their training means (an unpenalised intercept). The decomposition
+    is of xᵀx (p ≤ n) or of the kernel xxᵀ (p > n), so it costs min(n, p)³; either way it
+    gives xc = U S Vᵀ's U and S², from which fits, leave-one-out predictions and weights follow
+    for any penalty. Penalties are relative to the mean eigenvalue, so one grid fits any
+    voxel count.
+    """
+
+    def __init__(self, x: np.ndarray):
+        self.x_mean = x.mean(axis=0)
+        xc = (x - self.x_mean).astype(np.float32)
+        if xc.shape[1] <= xc.shape[0]:
+            s2, v = np.linalg.eigh(xc.T @ xc)
+            keep = s2 > 1e-6 * s2.max()
+            u = (xc @ v[:, keep]) / np.sqrt(s2[keep])
+        else:
+            s2, u = np.linalg.eigh(xc @ xc.T)
+            keep = s2 > 1e-6 * s2.max()
+            u = u[:, keep]
+        self.xc, self.u, self.s2 = xc, u, s2[keep].astype(np.float64)
+        self.scale = float(self.s2.mean())
+
+    def _shrink(self, relative_alpha: float) -> np.ndarray:
+        return self.s2 / (self.s2 + relative_alpha * self.scale)
+
+    def loo_predictions(self, y: np.ndarray, relative_alphas) -> dict[float, np.ndarray]:
+        """Exact leave-one-out predictions ŷ₋ᵢ = (ŷᵢ − hᵢ yᵢ) / (1 − hᵢ) of the centred model."""
+        y_mean = y.mean(axis=0)
+        yc = (y - y_mean).astype(np.float32)
+        uty = self.u.T @ yc
+        u2 = self.u**2
+        out = {}
+        for rel in relative_alphas:
+            f = self._shrink(rel)
+            fitted = self.u @ (f[:, None] * uty).astype(np.float32)
+            h = (u2 @ f)[:, None]
+            out[float(rel)] = (fitted - h * yc) / (1 - h) + y_mean
+        return out
+
+    def predictor(self, y: np.ndarray, relative_alpha: float):
+        """w = xcᵀ U (S² + α)⁻¹ Uᵀ yc; returns x_new ↦ (x_new − mean) w + ȳ."""
+        y_mean = y.mean(axis=0)
+        coef = (self.u.T @ (y - y_mean).astype(np.float32)) / (self.s2 + relative_alpha * self.scale)[:, None]
+        w = self.xc.T @ (self.u @ coef.astype(np.float32))
+        return lambda x_new: (x_new - self.x_mean) @ w + y_mean
 
 
-def fit_ridge(x: np.ndarray, y: np.ndarray, score, rng: np.random.Generator):
-    """Choose the penalty by ``score(pred, true)`` on a validation split, refit on everything.
-    Returns (predict, relative alpha)."""
-    order = rng.permutation(len(x))
-    n_val = max(1, int(round(VALIDATION_FRACTION * len(x))))
-    val, fit = order[:n_val], order[n_val:]
-    scores = {rel: score(predict(x[val]), y[val]) for rel, predict in ridge_fits(x[fit], y[fit])}
-    best = max(scores, key=scores.get)
-    (_, predict), = ridge_fits(x, y, [best])
-    return predict, best
+def fit_ridges(x: np.ndarray, targets: dict) -> dict:
+    """For each ``name: (y, score)`` choose the penalty maximising ``score(loo_pred, y)``
+    (leave-one-out over training images), refit on all. Returns name → (predict, alpha)."""
+    ridge = Ridge(x)
+    out = {}
+    for name, (y, score) in targets.items():
+        scores = {rel: score(pred, y) for rel, pred in ridge.loo_predictions(y, RELATIVE_ALPHAS).items()}
+        best = max(scores, key=scores.get)
+        out[name] = (ridge.predictor(y, best), best)
+    return out
 
 
 def accuracy(pred: np.ndarray, onehot: np.ndarray) -> float:
@@ -108,58 +142,73 @@ def _downsample(images: np.ndarray, res: int) -> np.ndarray:
     return x.reshape(n, -1)
 
 
-def subject_report(root: str | Path, subject: int, seed: int = 0) -> dict:
+def load_subject(root: str | Path, subject: int) -> dict:
+    """A subject's data as the report needs it, read through the MindEye2 readers."""
     root = Path(root)
-    info = read_world_info(root)
     params = json.loads(layout.image_params_path(root).read_text())
-    main_category = np.array([im["main_category"] for im in params["images"]])
-    n_cat = len(params["categories"])
     roi = np.load(layout.roi_path(root, subject), allow_pickle=False)
-
     with ImageStore(root) as store:
         index = SubjectIndex(root, subject, images=store)
         with BetasFile(root, subject, expected_voxels=len(roi)) as betas:
-            train_betas = betas.read(np.sort(index.train.trial))
-            train_order = np.argsort(index.train.trial)
+            train_rows = np.sort(index.train.trial)
+            train_betas = betas.read(train_rows)
             test_order = np.argsort(index.test.trial)
             test_betas = betas.read(index.test.trial[test_order])
-        train_ids, x_train = _average_by_image(index.train.image[train_order], train_betas)
+        train_trial_images = index.train.image[np.argsort(index.train.trial)]
         test_trial_images = index.test.image[test_order]
-        test_ids, x_test = _average_by_image(test_trial_images, test_betas)
-        pix_train = _downsample(store.get(train_ids), PIX_RES)
-        pix_test = _downsample(store.get(test_ids), PIX_RES)
+        train_ids = np.unique(train_trial_images)
+        test_ids = np.unique(test_trial_images)
+        images_train, images_test = store.get(train_ids), store.get(test_ids)
+    return {
+        "roi": roi, "n_categories": len(params["categories"]),
+        "main_category": np.array([im["main_category"] for im in params["images"]]),
+        "train_trial_images": train_trial_images, "train_betas": train_betas,
+        "test_trial_images": test_trial_images, "test_betas": test_betas,
+        "images_train": images_train, "images_test": images_test,
+    }
 
+
+def analyse(data: dict) -> dict:
+    """Reliability, category decoding and pixel decoding of one subject (module doc)."""
+    roi, n_cat = data["roi"], data["n_categories"]
+    train_ids, x_train = _average_by_image(data["train_trial_images"], data["train_betas"])
+    test_ids, x_test = _average_by_image(data["test_trial_images"], data["test_betas"])
+    pix_train, pix_test = _downsample(data["images_train"], PIX_RES), _downsample(data["images_test"], PIX_RES)
+    y_train = np.eye(n_cat, dtype=np.float32)[data["main_category"][train_ids]]
+    y_test = np.eye(n_cat, dtype=np.float32)[data["main_category"][test_ids]]
     rois = {name: roi == k for k, name in enumerate(layout.ROI_NAMES)}
     rois["all"] = np.ones(len(roi), dtype=bool)
-    reliab = split_half(test_trial_images, test_betas)
-    y_train = np.eye(n_cat, dtype=np.float32)[main_category[train_ids]]
-    y_test = np.eye(n_cat, dtype=np.float32)[main_category[test_ids]]
+    reliab = split_half(data["test_trial_images"], data["test_betas"])
 
     category, pixels, alphas = {}, {}, {}
     for name, mask in rois.items():
-        predict, a_cat = fit_ridge(x_train[:, mask], y_train, accuracy, np.random.default_rng([seed, 1]))
-        category[name] = accuracy(predict(x_test[:, mask]), y_test)
-        predict, a_pix = fit_ridge(x_train[:, mask], pix_train, pixcorr, np.random.default_rng([seed, 2]))
-        pixels[name] = pixcorr(predict(x_test[:, mask]), pix_test)
-        alphas[name] = {"category": a_cat, "pixels": a_pix}
+        fits = fit_ridges(x_train[:, mask], {"category": (y_train, accuracy), "pixels": (pix_train, pixcorr)})
+        category[name] = accuracy(fits["category"][0](x_test[:, mask]), y_test)
+        pixels[name] = pixcorr(fits["pixels"][0](x_test[:, mask]), pix_test)
+        alphas[name] = {target: fit[1] for target, fit in fits.items()}
     pixels["mean_image"] = pixcorr(np.broadcast_to(pix_train.mean(axis=0), pix_test.shape), pix_test)
-
+    test_labels = data["main_category"][test_ids]
     return {
-        "subject": subject, "world": str(root), "preset": info.get("preset"),
         "voxels": {name: int(m.sum()) for name, m in rois.items()},
-        "train_images": len(train_ids), "train_trials": len(index.train), "test_images": len(test_ids),
-        "test_trials": len(index.test),
+        "train_images": len(train_ids), "train_trials": len(data["train_trial_images"]),
+        "test_images": len(test_ids), "test_trials": len(data["test_trial_images"]),
         "reliability": {name: float(np.median(reliab[rois[name]])) for name in layout.ROI_NAMES},
         "reliability_method": "median over voxels of Pearson r(showing 1, mean of showings 2-3) across "
                               "test images; not Spearman-Brown corrected",
         "category_accuracy": category,
         "category_chance": 1.0 / n_cat,
-        "category_majority": float(np.bincount(main_category[test_ids], minlength=n_cat).max() / len(test_ids)),
+        "category_majority": float(np.bincount(test_labels, minlength=n_cat).max() / len(test_ids)),
         "pixcorr": pixels,
         "pixcorr_resolution": f"{PIX_RES}x{PIX_RES}x3",
         "test_policy": "voxels averaged over the 3 showings of each test image",
         "relative_alphas": alphas,
     }
+
+
+def subject_report(root: str | Path, subject: int) -> dict:
+    info = read_world_info(root)
+    return {"subject": subject, "world": str(root), "preset": info.get("preset"),
+            **analyse(load_subject(root, subject))}
 
 
 def world_report(root: str | Path, subjects: list[int] | None = None, write: bool = True) -> dict:
