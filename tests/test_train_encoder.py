@@ -151,6 +151,18 @@ def test_interrupted_run_resumes_exactly(setup, tmp_path):
             torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=0, msg=key)
 
 
+def test_single_feature_trains_exactly_like_final_only(setup, tmp_path):
+    """"single" differs from "final-only" only in what the encoder hands on (e_M at every level),
+    so with the same seed the two optimisations are the same, weight for weight."""
+    assert cli(setup, tmp_path / "final", "--supervision", "final-only", "--epochs", "1") == 0
+    assert cli(setup, tmp_path / "single", "--supervision", "single", "--epochs", "1") == 0
+    wf, ws = load_file(tmp_path / "final" / "encoder.safetensors"), load_file(tmp_path / "single" / "encoder.safetensors")
+    for key in wf:
+        torch.testing.assert_close(ws[key], wf[key], rtol=0, atol=0, msg=key)
+    single = metrics(tmp_path / "single")[0]["test"]
+    assert single["cosine_e1"] != metrics(tmp_path / "final")[0]["test"]["cosine_e1"]  # e_M read at level 1
+
+
 def test_resume_refuses_other_settings(setup, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(setup, out, "--stop-after", "1") == 0
