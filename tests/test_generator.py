@@ -93,7 +93,7 @@ def test_reproduces_switti_small_hidden_states_and_logits():
         assert err < 1e-4, f"hidden_{i} differs by {err}"
     assert (logits - io["logits"]).abs().max().item() < 1e-4
 
-    freqs = torch.stack([model.rope_cos, model.rope_sin], dim=-1)[None]
+    freqs = torch.stack(model.rope_tables("cpu"), dim=-1)[None]
     assert freqs.shape == io["freqs_cis_real"].shape
     assert (freqs - io["freqs_cis_real"]).abs().max().item() < 1e-5
     # The derived buffers we rebuild from the schedule equal upstream's stored ones.
@@ -265,6 +265,17 @@ def test_presets_round_trip_and_paper_size():
     with torch.device("meta"):
         n = ScaleAwareGenerator(paper).num_params()
     assert 2.25e9 < n < 2.35e9   # ≈ 2.3 B (Switti-512's 2.47 B minus the 2048-wide context path)
+
+
+def test_bf16_cast_keeps_float32_rope_and_matches_autocast_closely():
+    model = tiny_model()
+    levels, tf_input = random_inputs(model.cfg)
+    with torch.no_grad():
+        ref = model(tf_input, levels)
+        low = model.to(torch.bfloat16)(tf_input, levels)
+    assert model.rope_tables("cpu")[0].dtype == torch.float32
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().mean() < 0.1 * ref.abs().mean()
 
 
 def test_bf16_autocast_forward_runs_and_stays_close():

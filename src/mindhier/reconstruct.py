@@ -189,11 +189,13 @@ class _Dist:
             os._exit(0)
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """CUDA with bf16, or a CPU with native bf16 (avx512_bf16/AMX); fp16 is never used."""
+    return (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and _cpu_has_bf16())
+
+
 def bf16_autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA with bf16 and on CPUs with native bf16 (avx512_bf16/AMX); never fp16."""
-    fast = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
-        device.type == "cpu" and _cpu_has_bf16())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled and fast else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled and bf16_is_fast(device) else contextlib.nullcontext()
 
 
 def _cpu_has_bf16() -> bool:
@@ -241,6 +243,8 @@ def _run(args, d) -> None:
         raise MindhierError(f"{out / 'recons.safetensors'} exists; choose another --out or pass --force")
     device = d.device
     generator, encoder, tokenizer, test, gen_meta, enc_meta = _load_stack(args, device)
+    if args.precision != "fp32" and bf16_is_fast(device):
+        generator = generator.to(torch.bfloat16)   # cast once: autocast would re-cast every weight at every scale
     settings = SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, cfg_off_from=args.cfg_off_from,
                                 seed=args.seed, num_candidates=args.candidates)
     embed = _vision_embedder(args, enc_meta, device) if args.candidates > 1 else None

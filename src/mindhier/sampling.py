@@ -87,10 +87,12 @@ def guidance_weight(cfg: float, si: int, num_scales: int) -> float:
 @torch.no_grad()
 def sample_indices(generator: ScaleAwareGenerator, tokenizer, cond: Condition,
                    null_cond: Condition | None, settings: SamplingSettings,
-                   rngs: Sequence[torch.Generator]) -> list[torch.Tensor]:
+                   rngs: Sequence[torch.Generator],
+                   on_scale: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Token maps r_1..r_K, each (B, pn_k²), for a batch of conditions (one generator each).
 
-    ``null_cond`` None (or cfg 0) samples without guidance."""
+    ``null_cond`` None (or cfg 0) samples without guidance. ``on_scale(k)`` is called when
+    scale k is done (the benchmark times scales with it); ``on_scale(-1)`` after the K/V cache."""
     B = cond.batch_size
     if len(rngs) != B:
         raise SamplingError(f"{len(rngs)} random generators for a batch of {B}")
@@ -101,6 +103,8 @@ def sample_indices(generator: ScaleAwareGenerator, tokenizer, cond: Condition,
     guided = null_cond is not None and settings.cfg != 0
     both = Condition.cat([cond, null_cond]) if guided else cond
     cache = generator.cross_attn_cache(both)        # once per image, reused at every scale
+    if on_scale is not None:
+        on_scale(-1)
     K = generator.cfg.num_scales
     fhat, x_in, indices = None, None, []
     for si in range(K):
@@ -115,6 +119,8 @@ def sample_indices(generator: ScaleAwareGenerator, tokenizer, cond: Condition,
         idx = draw_tokens(filter_logits(logits, settings.top_k, settings.top_p), rngs)
         indices.append(idx)
         fhat, x_in = tokenizer.next_scale_input(si, fhat, tokenizer.embed_indices(si, idx))
+        if on_scale is not None:
+            on_scale(si)
     return indices
 
 

@@ -57,11 +57,12 @@ def rope_angles(scales: tuple[int, ...], head_dim: int, theta: float, rope_size:
     """
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
-    base = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim))
+    cpu = torch.device("cpu")  # explicit: the table is fixed data, even when the model is built on "meta"
+    base = 1.0 / (theta ** (torch.arange(0, head_dim, 4, device=cpu)[: head_dim // 4].float() / head_dim))
     tables = []
     for pn in scales:
         freqs = base * (rope_size / (pn - 1 if pn > 1 else 1))
-        pos = torch.arange(pn * pn, dtype=torch.float32)
+        pos = torch.arange(pn * pn, dtype=torch.float32, device=cpu)
         col, row = pos % pn, torch.div(pos, pn, rounding_mode="floor")
         tables.append(torch.cat([torch.outer(col, freqs), torch.outer(row, freqs)], dim=-1))
     return torch.cat(tables, dim=0)

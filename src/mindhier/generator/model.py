@@ -103,15 +103,24 @@ class ScaleAwareGenerator(nn.Module):
         cfg = self.cfg
         scale_of_token = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(cfg.scales)])
         self.register_buffer("scale_of_token", scale_of_token, persistent=False)
+        # RoPE tables stay float32 whatever the model is cast to (bf16 inference): kept per
+        # device outside the buffers, so .to(dtype) never rounds the angles.
         angles = rope_angles(cfg.scales, cfg.width // cfg.num_heads, cfg.rope_theta, cfg.rope_size)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self._rope = {torch.device("cpu"): (angles.cos(), angles.sin())}
         # Same-scale-only self-attention: block-diagonal (L, L), True = may attend.
         self.register_buffer("self_mask", scale_of_token[:, None] == scale_of_token[None, :], persistent=False)
         offsets = [0]
         for pn in cfg.scales:
             offsets.append(offsets[-1] + pn * pn)
         self.scale_offsets = tuple(offsets)
+
+    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (cos, sin) of the RoPE angles, (L, head_dim/2), on ``device``."""
+        device = torch.device(device)
+        if device not in self._rope:
+            cos, sin = self._rope[torch.device("cpu")]
+            self._rope[device] = (cos.to(device), sin.to(device))
+        return self._rope[device]
 
     def init_weights(self) -> None:
         std = math.sqrt(1 / (3 * self.cfg.width))
@@ -231,8 +240,9 @@ class ScaleAwareGenerator(nn.Module):
         x = self.embed(tf_input.to(self.dtype), cond_vec)
         cross_mask = self.cross_mask(cond)
         hidden = [x]
+        cos, sin = self.rope_tables(x.device)
         for block in self.blocks:
-            x = block(x, cond_vec, self.rope_cos, self.rope_sin, self.self_mask, cross_mask, context=context)
+            x = block(x, cond_vec, cos, sin, self.self_mask, cross_mask, context=context)
             hidden.append(x)
         logits = self.head(x, cond_vec)
         return (logits, hidden) if return_hidden else logits
@@ -259,7 +269,7 @@ class ScaleAwareGenerator(nn.Module):
                     f"scale {si} input has shape {got}, expected {(B, hi - lo, cfg.z_channels)}")
             x = self.token_embed(x_in.to(self.dtype))
         x = x + self.scale_embed.weight[si]
-        cos, sin = self.rope_cos[lo:hi], self.rope_sin[lo:hi]
+        cos, sin = (t[lo:hi] for t in self.rope_tables(x.device))
         visible = self.visible_context(si, cond)
         cols = None if visible is None else visible.nonzero().squeeze(1)
         for block, (k, v) in zip(self.blocks, cache.keys_values):
