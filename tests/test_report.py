@@ -41,3 +41,13 @@ def test_write_report_files(tmp_path):
 
 def test_markdown_to_html_escapes_text():
     assert "&lt;script&gt;" in markdown_to_html("x", "<script>")
+
+
+def test_read_grid_row_inverts_image_grid(tmp_path):
+    from mindhier.report import image_grid, read_grid_row
+
+    tiles = np.random.default_rng(1).random((3, 3, 4, 4))
+    image_grid([tiles], cell=8).save(tmp_path / "row.png")
+    back = read_grid_row(tmp_path / "row.png", cell=8)
+    assert back.shape == (3, 3, 8, 8)
+    np.testing.assert_allclose(back[:, :, ::2, ::2], tiles, atol=1 / 255)

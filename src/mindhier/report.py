@@ -24,7 +24,10 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(arr, 0, 1).transpose(0, 2, 3, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def image_grid(rows: Sequence[np.ndarray], cell: int = 96, pad: int = 2) -> Image.Image:
+GRID_CELL, GRID_PAD = 96, 2
+
+
+def image_grid(rows: Sequence[np.ndarray], cell: int = GRID_CELL, pad: int = GRID_PAD) -> Image.Image:
     """Tile rows of images (each (n,3,H,W) in [0,1]) into one picture, upscaled to ``cell`` px."""
     n_cols = max(len(r) for r in rows)
     width = n_cols * (cell + pad) + pad
@@ -35,6 +38,14 @@ def image_grid(rows: Sequence[np.ndarray], cell: int = 96, pad: int = 2) -> Imag
             img = Image.fromarray(tile).resize((cell, cell), Image.NEAREST)
             canvas.paste(img, (pad + j * (cell + pad), pad + i * (cell + pad)))
     return canvas
+
+
+def read_grid_row(path: str | Path, cell: int = GRID_CELL, pad: int = GRID_PAD) -> np.ndarray:
+    """Inverse of a one-row :func:`image_grid`: (n, 3, cell, cell) floats in [0, 1]."""
+    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    n = (arr.shape[1] - pad) // (cell + pad)
+    tiles = [arr[pad:pad + cell, pad + j * (cell + pad):pad + j * (cell + pad) + cell] for j in range(n)]
+    return np.stack(tiles).transpose(0, 3, 1, 2)
 
 
 def pairs_grid(gt: np.ndarray, recon: np.ndarray, per_row: int = 8, cell: int = 96) -> Image.Image:

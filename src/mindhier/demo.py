@@ -1,0 +1,299 @@
+"""`mindhier demo`: the whole pipeline, offline, on the synthetic world, ending in a report.
+
+By default the demo uses the checkpoints this project releases (``checkpoints/demo``, trained
+by ``mindhier demo --from-scratch`` with this code): it checks that they match the code's
+configs, generates the world, reconstructs the held-out test images, evaluates and writes an
+HTML report — a few minutes on a laptop CPU. ``--from-scratch`` trains every stage itself
+(world → small CLIP → stage-1 encoder → tokenizer → stage-2 generator), reusing any stage whose
+output already exists with a matching config, then does the same.
+
+Every stage runs the very command a user would type (printed as it starts), so the demo
+doubles as a walk-through of the toolkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mindhier.checkpoint import paths_for, read_metadata
+from mindhier.errors import MindhierError
+
+STAGES = ("vision", "encoder", "tokenizer", "generator")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How much to train each stage: the only knobs that differ between demo sizes."""
+
+    world: str
+    vision: tuple[str, ...]
+    encoder: tuple[str, ...]
+    tokenizer: tuple[str, ...]
+    generator: tuple[str, ...]
+    reconstruct: tuple[str, ...] = ("--candidates", "4")
+    report_images: int = 24
+    strips: int = 4
+
+
+# Sized so that --from-scratch fits in well under an hour on 2 CPU cores (timings in the
+# released model cards); `tiny` is what the test suite runs end to end.
+RECIPES: dict[str, Recipe] = {
+    "demo": Recipe(
+        world="demo",
+        vision=("--preset", "demo", "--epochs", "6", "--global-batch", "64", "--lr", "1e-3"),
+        encoder=("--preset", "demo", "--epochs", "20", "--global-batch", "64", "--lr", "3e-4"),
+        tokenizer=("--preset", "demo", "--steps", "2000", "--global-batch", "32"),
+        generator=("--preset", "demo", "--steps", "3000", "--global-batch", "32", "--lr", "3e-4"),
+    ),
+    "tiny": Recipe(
+        world="tiny",
+        vision=("--preset", "tiny", "--epochs", "2", "--global-batch", "32"),
+        encoder=("--preset", "tiny", "--epochs", "2", "--global-batch", "32", "--lr", "1e-3"),
+        tokenizer=("--preset", "tiny", "--steps", "30", "--global-batch", "16"),
+        generator=("--preset", "tiny", "--steps", "30", "--global-batch", "16", "--lr", "1e-3"),
+        reconstruct=("--candidates", "2", "--top-k", "0"),
+        report_images=8,
+        strips=2,
+    ),
+}
+
+
+class DemoError(MindhierError):
+    pass
+
+
+@dataclass
+class Timer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return result
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def run_command(argv: list[str]) -> None:
+    """Run one `mindhier` command in this process, printed first so users can repeat it."""
+    from mindhier import cli
+
+    say("$ mindhier " + " ".join(shlex.quote(a) for a in argv))
+    code = cli.main(argv)
+    if code:
+        raise DemoError(f"`mindhier {argv[0]}` failed (exit code {code}); see its message above")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+def ensure_world(world_dir: Path, preset: str) -> None:
+    """Generate the world unless an identical one (same preset config) is already there."""
+    from mindhier.config import to_dict
+    from mindhier.world import PRESETS, generate_world, read_world_info
+
+    cfg = PRESETS[preset]
+    info_path = world_dir / "world" / "world.json"
+    if info_path.exists():
+        info = read_world_info(world_dir)
+        if info.get("config") == to_dict(cfg):
+            say(f"world: reusing {world_dir} ({preset})")
+            return
+        raise DemoError(f"{world_dir} holds another world (not the {preset!r} preset of this code); "
+                        f"remove it or pass --world another folder")
+    say(f"world: generating the {preset!r} world into {world_dir}")
+    generate_world(cfg, world_dir, force=world_dir.exists() and not any(world_dir.iterdir()))
+
+
+def stage_checkpoint(run_dir: Path, stage: str) -> Path:
+    return run_dir / stage / stage
+
+
+def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: Timer) -> dict[str, Path]:
+    """Train every stage, or reuse it: a stage whose folder holds a ``demo_stage.json`` written
+    after the same command finished is reused; an interrupted one is resumed."""
+    ck = {s: stage_checkpoint(runs, s) for s in STAGES}
+    data = ["--data", str(world)]
+    commands = {
+        "vision": ["train-vision", *data, "--out", str(ck["vision"].parent), *recipe.vision],
+        "encoder": ["train-encoder", *data, "--subject", str(subject), "--vision", str(ck["vision"]),
+                    "--out", str(ck["encoder"].parent), *recipe.encoder],
+        "tokenizer": ["train-tokenizer", *data, "--out", str(ck["tokenizer"].parent), *recipe.tokenizer],
+        "generator": ["train-generator", *data, "--subject", str(subject), "--encoder", str(ck["encoder"]),
+                      "--tokenizer", str(ck["tokenizer"]), "--out", str(ck["generator"].parent),
+                      *recipe.generator],
+    }
+    for stage in STAGES:
+        marker = ck[stage].parent / "demo_stage.json"
+        done = json.loads(marker.read_text()) if marker.exists() else None
+        if done and done.get("command") == commands[stage]:
+            say(f"{stage}: reusing {ck[stage]} (trained by the same command; delete the folder to retrain)")
+            timer.seconds[f"train {stage}"] = done.get("seconds", 0.0)
+            continue
+        if done:
+            raise DemoError(f"{ck[stage].parent} was trained by another command than this recipe's; "
+                            f"delete that folder or pass another --out")
+        resume = ["--resume"] if paths_for(ck[stage])[1].exists() else []
+        start = time.perf_counter()
+        timer.run(f"train {stage}", run_command, commands[stage] + resume)
+        marker.write_text(json.dumps({"command": commands[stage], "seconds": time.perf_counter() - start}))
+    return ck
+
+
+# ---------------------------------------------------------------------------------------------
+# Released checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def released_checkpoints(folder: Path) -> dict[str, Path]:
+    """The released checkpoints, checked against this code (clear message if stale)."""
+    ck = {s: folder / s for s in STAGES}
+    missing = [s for s, p in ck.items() if not all(x.exists() for x in paths_for(p))]
+    if missing:
+        raise DemoError(f"released checkpoints missing in {folder}: {', '.join(missing)}. "
+                        "Train them with `mindhier demo --from-scratch` (about 45 min on 2 CPU cores).")
+    check_released_against_code(ck)
+    return ck
+
+
+# Config fields each training command derives from the data or from the other stages rather
+# than from the preset (so they are not compared with the preset).
+DERIVED_FIELDS = {
+    "vision": {"vocab_size"},
+    "encoder": set(),
+    "tokenizer": set(),
+    "generator": {"scales", "vocab_size", "z_channels", "context_dim", "pooled_dim", "num_levels",
+                  "tokens_per_level", "routing", "cond_drop_prob"},
+}
+
+
+def check_released_against_code(ck: dict[str, Path]) -> None:
+    """Each released checkpoint must have been trained from this code's ``demo`` preset, and
+    must load (strict keys and shapes) into the model this code builds from its config."""
+    from mindhier.config import diff_configs, to_dict
+    from mindhier.encoder import PRESETS as ENCODER
+    from mindhier.generator import PRESETS as GENERATOR
+    from mindhier.tokenizer import PRESETS as TOKENIZER
+    from mindhier.vision.small_clip import PRESETS as VISION
+
+    presets = {"vision": VISION, "encoder": ENCODER, "tokenizer": TOKENIZER, "generator": GENERATOR}
+    problems = []
+    for stage, path in ck.items():
+        found = read_metadata(path).get("config", {})
+        diffs = [d for d in diff_configs(to_dict(presets[stage]["demo"]), found)
+                 if d.split(":")[0] not in DERIVED_FIELDS[stage]]
+        if diffs:
+            problems.append(f"{stage} ({paths_for(path)[1]}):\n    " + "\n    ".join(diffs[:6]))
+    if problems:
+        raise DemoError("the released checkpoints were trained with other configs than this code's "
+                        "`demo` presets:\n  " + "\n  ".join(problems)
+                        + "\nRetrain them: `mindhier demo --from-scratch --release` (about 45 min on 2 cores).")
+    load_all(ck)
+
+
+def load_all(ck: dict[str, Path]) -> None:
+    """Load every checkpoint with its library loader (strict keys/shapes, config hashes)."""
+    from mindhier.encoder import load_encoder
+    from mindhier.reconstruct import load_generator
+    from mindhier.tokenizer import load_tokenizer
+    from mindhier.vision import load_vision
+
+    for stage, loader in (("vision", load_vision), ("encoder", load_encoder),
+                          ("tokenizer", load_tokenizer), ("generator", load_generator)):
+        try:
+            loader(ck[stage])
+        except MindhierError as err:
+            raise DemoError(f"released {stage} checkpoint does not fit this code: {err}\n"
+                            "Retrain them: `mindhier demo --from-scratch --release`.") from err
+
+
+def release(ck: dict[str, Path], folder: Path, timings: dict[str, float], metrics: dict) -> None:
+    """Copy the trained weights (model tensors only) and write a model card for each."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage, path in ck.items():
+        weights, meta_path = paths_for(path)
+        tensors = {k: v for k, v in load_file(str(weights)).items() if not k.startswith(("optim.", "rng."))}
+        meta = json.loads(meta_path.read_text())
+        meta.pop("optimizer", None)
+        save_file(tensors, str(folder / f"{stage}.safetensors"), metadata={"kind": meta["kind"]})
+        (folder / f"{stage}.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (folder / f"{stage}.md").write_text(model_card(stage, meta, timings.get(f"train {stage}"), metrics))
+    say(f"released checkpoints written to {folder}")
+
+
+def model_card(stage: str, meta: dict, seconds: float | None, metrics: dict) -> str:
+    manifest = meta.get("data_manifest", {})
+    lines = [f"# mindhier demo checkpoint: {stage}", "",
+             f"- kind: `{meta.get('kind')}`",
+             f"- config hash: `{meta.get('config_hash')}`",
+             f"- git commit: `{meta.get('git_commit')}`",
+             f"- data: synthetic world {manifest.get('world')}",
+             f"- training time: {seconds:.0f} s on this machine" if seconds else "- training time: (reused)",
+             "", "## Config", "", "```json", json.dumps(meta.get("config"), indent=1), "```", ""]
+    if stage in metrics:
+        lines += ["## Held-out metrics", "", "```json", json.dumps(metrics[stage], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.add_argument("--out", default="runs/demo", help="where reconstructions, metrics and report.html go")
+    p.add_argument("--world", default=None, help="world folder (default: worlds/<recipe>)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="demo", help="demo size")
+    p.add_argument("--subject", type=int, default=1, help="NSD subject number")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train every stage here instead of using the released checkpoints")
+    p.add_argument("--checkpoints", default="checkpoints/demo", help="released checkpoints folder")
+    p.add_argument("--release", action="store_true",
+                   help="with --from-scratch: copy the trained weights into --checkpoints with model cards")
+    p.add_argument("--limit", type=int, default=None, help="reconstruct only the first N test images")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mindhier.demo_report import evaluate_and_report
+
+    recipe = RECIPES[args.recipe]
+    world = Path(args.world or f"worlds/{recipe.world}")
+    out = Path(args.out)
+    timer = Timer()
+    timer.run("world", ensure_world, world, recipe.world)
+    if args.from_scratch:
+        ck = train_stages(world, out / "train", recipe, args.subject, timer)
+    else:
+        ck = released_checkpoints(Path(args.checkpoints))
+    recon_dir = out / "reconstruct"
+    argv = ["reconstruct", "--data", str(world), "--subject", str(args.subject),
+            "--encoder", str(ck["encoder"]), "--tokenizer", str(ck["tokenizer"]),
+            "--generator", str(ck["generator"]), "--vision", str(ck["vision"]),
+            "--out", str(recon_dir), "--force", "--device", args.device, *recipe.reconstruct]
+    if args.limit:
+        argv += ["--limit", str(args.limit)]
+    timer.run("reconstruct", run_command, argv)
+    report = evaluate_and_report(world, args.subject, ck, recon_dir, out, recipe, timer, device=args.device)
+    if args.release:
+        if not args.from_scratch:
+            raise DemoError("--release needs --from-scratch (it publishes freshly trained weights)")
+        release(ck, Path(args.checkpoints), timer.seconds, report["metrics"])
+    say(f"report: {out / 'report.html'} (also report.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(0)
