@@ -65,10 +65,11 @@ PRESETS: dict[str, VQVAEConfig] = {
     "paper256": VQVAEConfig(image_size=256, scales=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
     # The conformance model of /work/shared/reference (seeded random weights, 4.4 M params).
     "reference-small": VQVAEConfig(vocab_size=512, z_channels=16, ch=32, image_size=128, scales=(1, 2, 3, 4, 6, 8)),
-    # The synthetic world's 64-px images: latent 8x8 (three 2x downsamplings), a CPU-cheap decoder.
+    # The synthetic world's 64-px images: latent 8x8 (three 2x downsamplings). Width 16 at full
+    # resolution keeps a training step on a CPU under a second; the width grows as the maps shrink.
     "demo": VQVAEConfig(
-        vocab_size=1024, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
-        image_size=64, scales=(1, 2, 3, 4, 6, 8), norm_groups=16,
+        vocab_size=1024, z_channels=16, ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1,
+        image_size=64, scales=(1, 2, 3, 4, 6, 8), norm_groups=8,
     ),
     # 32-px images, latent 4x4: for tests and smoke runs.
     "tiny": VQVAEConfig(

@@ -19,8 +19,8 @@ from mindhier.tokenizer.config import VQVAEConfig
 from mindhier.tokenizer.model import MultiScaleVQVAE
 
 CHECKPOINT_KIND = "tokenizer"
-# Keys a training checkpoint carries besides the model (optimizer state for --resume).
-NON_MODEL_PREFIXES = ("optim.",)
+# Keys a training checkpoint carries besides the model (optimizer and loop state for --resume).
+NON_MODEL_PREFIXES = ("optim.", "train.")
 
 
 def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

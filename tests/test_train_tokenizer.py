@@ -1,0 +1,93 @@
+"""`mindhier train-tokenizer`: loss falls, exact resume, checkpoint metadata, evaluation."""
+
+import argparse
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mindhier.errors import MindhierError
+from mindhier.tokenizer import load_tokenizer
+from mindhier.train import tokenizer as train_tok
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    """A data folder holding only an image file: 40 smooth random 32-px images."""
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    images = F.interpolate(torch.rand(40, 3, 4, 4, generator=g), size=(32, 32), mode="bilinear", align_corners=False)
+    with h5py.File(root / "coco_images_224_float16.hdf5", "w") as f:
+        f.create_dataset("images", data=images.numpy().astype(np.float16))
+    return root
+
+
+def run_cli(root, out, *extra):
+    parser = argparse.ArgumentParser()
+    train_tok.add_arguments(parser)
+    args = parser.parse_args(["--data", str(root), "--preset", "tiny", "--out", str(out), "--global-batch", "8",
+                              "--lr", "2e-3", "--warmup", "2", "--usage-window", "4", "--log-every", "1",
+                              "--device", "cpu", "--no-bf16", *map(str, extra)])
+    assert train_tok.run(args) == 0
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_checkpoint_records_config_and_commit(image_root, tmp_path):
+    log = run_cli(image_root, tmp_path / "run", "--steps", 100)
+    first, last = log[0]["loss"], np.mean([r["loss"] for r in log[-10:]])  # untrained vs trained
+    assert last < 0.8 * first, (first, last)
+    assert [r["step"] for r in log] == list(range(1, 101))
+    assert set(log[-1]["usage"]) >= {"used_fraction", "perplexity", "used_overall"}
+    meta = json.loads((tmp_path / "run" / "tokenizer.json").read_text())
+    assert meta["kind"] == "tokenizer" and meta["config"]["image_size"] == 32
+    assert meta["git_commit"] and meta["step"] == 100 and meta["test_images"] == 2  # every 20th of 40
+    model = load_tokenizer(tmp_path / "run" / "tokenizer")
+    assert load_tokenizer(tmp_path / "run" / "last").state_dict().keys() == model.state_dict().keys()
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert -1 <= ev["pixcorr"] <= 1 and ev["num_images"] == 2 and len(ev["usage"]["used_fraction"]) == 4
+
+
+def test_resume_continues_exactly(image_root, tmp_path):
+    full = run_cli(image_root, tmp_path / "full", "--steps", 10)
+    run_cli(image_root, tmp_path / "split", "--steps", 10, "--stop-after", 6)
+    assert not (tmp_path / "split" / "tokenizer.json").exists()  # unfinished: no final model yet
+    resumed = run_cli(image_root, tmp_path / "split", "--steps", 10, "--resume")
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    a = load_tokenizer(tmp_path / "full" / "tokenizer").state_dict()
+    b = load_tokenizer(tmp_path / "split" / "tokenizer").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_a_run(image_root, tmp_path):
+    run_cli(image_root, tmp_path / "run", "--steps", 1)
+    with pytest.raises(MindhierError, match="--resume .* or --force"):
+        run_cli(image_root, tmp_path / "run", "--steps", 1)
+
+
+def test_dead_code_restart_revives_unused_codes():
+    model = train_tok.MultiScaleVQVAE(train_tok.PRESETS["tiny"])
+    opt = torch.optim.AdamW(model.parameters())
+    hits = torch.zeros(4, 64)
+    hits[:, :10] = 1
+    residuals = torch.randn(100, 8) * 5
+    before = model.quantize.embedding.weight.detach().clone()
+    n = train_tok.restart_dead_codes(model, hits, residuals, opt, torch.Generator().manual_seed(0), False)
+    after = model.quantize.embedding.weight.detach()
+    assert n == 54 and torch.equal(after[:10], before[:10])
+    # every restarted code sits (up to the small jitter) on one of the residual vectors
+    dist = torch.cdist(after[10:], residuals).min(1).values
+    assert (dist < 0.1).all()
+
+
+def test_metrics_against_known_answers():
+    x = torch.rand(3, 3, 16, 16)
+    assert np.allclose(train_tok.pixcorr_per_image(x, x), 1.0)
+    assert np.allclose(train_tok.pixcorr_per_image(1 - x, x), -1.0)
+    assert np.allclose(train_tok.ssim_per_image(x, x), 1.0)
+    assert (train_tok.ssim_per_image(torch.rand(3, 3, 16, 16), x) < 0.5).all()
+    u = train_tok.usage_summary(torch.tensor([[1.0, 1, 0, 0], [4, 0, 0, 0]]))
+    assert u["used_fraction"] == [0.5, 0.25] and u["perplexity"] == [2.0, 1.0] and u["used_overall"] == 0.5
