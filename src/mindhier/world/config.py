@@ -15,21 +15,28 @@ from mindhier.config import get_preset
 
 @dataclasses.dataclass(frozen=True)
 class CortexConfig:
-    """Simulated visual cortex shared by all subjects of a world (cortex.py)."""
+    """Simulated visual cortex shared by all subjects of a world (cortex.py). Per-ROI tuples
+    are (early, mid, high)."""
 
-    roi_fractions: tuple[float, float, float] = (0.45, 0.30, 0.25)  # early, mid, high
-    early_signed_fraction: float = 0.2  # early voxels reading luminance/colour (the rest: Gabor energy)
+    roi_fractions: tuple[float, float, float] = (0.45, 0.30, 0.25)
+    early_signed_fraction: float = 0.15  # early voxels reading luminance/colour (rest: Gabor energy)
     early_rf_sigma: tuple[float, float] = (0.03, 0.08)  # RF sd, image fractions, fovea → periphery
     mid_rf_sigma: tuple[float, float] = (0.09, 0.2)
-    # Trial-to-trial noise *in the represented quantity* (feature maps, category evidence),
-    # shared by the voxels that read it: it limits decoding however many voxels there are.
-    latent_noise: tuple[float, float, float] = (0.6, 0.6, 0.6)  # calibrated
+    mid_background_weight: float = 0.2  # mid drive from background texture in the uncovered RF
+    high_category_weight: float = 0.4  # share of high-ROI drive variance from categories (rest: scene)
+    # Trial-to-trial noise *in the represented quantity*, shared by the voxels that read it, so
+    # it limits decoding however many voxels there are. Early/mid: sd of white noise on the
+    # feature maps, relative to a voxel's drive sd; high: sd of the noise on each category's
+    # evidence (a full-size main object has evidence 1).
+    latent_noise: tuple[float, float, float] = (0.6, 0.6, 0.9)  # calibrated
+    # Whole-field latent noise (early: luminance/colour channels only; mid: per noise map):
+    # a trial's global colour fluctuation, the limit on decoding background colour.
+    latent_field_noise: tuple[float, float] = (2.5, 1.5)  # calibrated
     # Independent measurement noise per voxel (sd relative to a unit-variance signal).
-    voxel_noise: tuple[float, float, float] = (1.3, 1.3, 1.3)  # calibrated
+    voxel_noise: tuple[float, float, float] = (1.2, 1.2, 0.8)  # calibrated
     voxel_noise_spread: float = 0.3  # log-sd of the per-voxel noise level
     session_offset_sd: float = 1.0  # per-session per-voxel offset (removed by z-scoring)
     session_gain_sd: float = 0.2  # per-session per-voxel log-gain
-    high_category_weight: float = 0.8  # share of high-ROI drive from categories vs scene content
 
 
 @dataclasses.dataclass(frozen=True)

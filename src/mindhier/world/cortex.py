@@ -272,6 +272,7 @@ class Drive:
 
 
 def image_drive(cx: SubjectCortex, feats: WorldFeatures, cfg: CortexConfig) -> Drive:
+    """Noiseless drive of every voxel to every image, standardised per voxel."""
     n = feats.early.shape[0]
     cols = [np.flatnonzero(cx.roi == r) for r in (EARLY, MID, HIGH)]
     value = np.empty((n, cx.n_voxels), dtype=np.float32)
@@ -289,7 +290,7 @@ def image_drive(cx: SubjectCortex, feats: WorldFeatures, cfg: CortexConfig) -> D
               * present[..., None])
     mid = (covered * tuning).sum(axis=1)
     uncovered = (1 - feats.coverage.sum(axis=1)) @ cx.mid_rf
-    mid += 0.5 * uncovered * cx.mid_background[feats.bg_kind] * cx.mid_colour[feats.bg_colour]
+    mid += cfg.mid_background_weight * uncovered * cx.mid_background[feats.bg_kind] * cx.mid_colour[feats.bg_colour]
     value[:, cols[1]] = _standardise(mid)
 
     cat_raw = category_evidence(feats) @ cx.high_category
@@ -323,17 +324,20 @@ def latent_noise(cx: SubjectCortex, drive: Drive, rng: np.random.Generator, n_tr
     def through_rf(maps: np.ndarray, rf: np.ndarray) -> np.ndarray:
         return (maps @ rf) / np.linalg.norm(rf, axis=0)
 
-    early = np.empty((n_trials, len(drive.early_cols)), dtype=np.float32)
-    for c in range(N_EARLY_CHANNELS):
-        idx = np.flatnonzero(cx.early_channel == c)
-        early[:, idx] = through_rf(rng.standard_normal((n_trials, p), dtype=np.float32), cx.early_rf[:, idx])
-    out[:, drive.early_cols] = cfg.latent_noise[EARLY] * early
+    def map_noise(channel_of_voxel: np.ndarray, field_sd: np.ndarray, rf: np.ndarray, roi: int) -> np.ndarray:
+        # white noise maps per channel seen through each RF, plus a whole-field shift per
+        # channel (a trial's global colour / luminance fluctuation) shared by all its voxels
+        noise = np.empty((n_trials, len(channel_of_voxel)), dtype=np.float32)
+        field = rng.standard_normal((n_trials, len(field_sd)), dtype=np.float32) * field_sd.astype(np.float32)
+        for c in range(len(field_sd)):
+            idx = np.flatnonzero(channel_of_voxel == c)
+            local = through_rf(rng.standard_normal((n_trials, p), dtype=np.float32), rf[:, idx])
+            noise[:, idx] = cfg.latent_noise[roi] * local + field[:, c:c + 1]
+        return noise
 
-    mid = np.empty((n_trials, len(drive.mid_cols)), dtype=np.float32)
-    for m in range(4):
-        idx = np.flatnonzero(cx.mid_noise_map == m)
-        mid[:, idx] = through_rf(rng.standard_normal((n_trials, p), dtype=np.float32), cx.mid_rf[:, idx])
-    out[:, drive.mid_cols] = cfg.latent_noise[MID] * mid
+    early_field = np.where(np.arange(N_EARLY_CHANNELS) < _SIGNED_CHANNELS, cfg.latent_field_noise[EARLY], 0.0)
+    out[:, drive.early_cols] = map_noise(cx.early_channel, early_field, cx.early_rf, EARLY) * cx.early_sign
+    out[:, drive.mid_cols] = map_noise(cx.mid_noise_map, np.full(4, cfg.latent_field_noise[MID]), cx.mid_rf, MID)
 
     evidence_noise = rng.standard_normal((n_trials, len(CATEGORIES)), dtype=np.float32)
     high = (evidence_noise @ cx.high_category) / drive.high_cat_scale

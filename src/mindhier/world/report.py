@@ -25,6 +25,7 @@ import numpy as np
 
 from mindhier.data import BetasFile, ImageStore, SubjectIndex
 from mindhier.data import layout
+from mindhier.errors import MindhierError
 from mindhier.world.generate import read_world_info
 
 RELATIVE_ALPHAS = 10.0 ** np.arange(-3.0, 2.01, 0.5)
@@ -214,7 +215,12 @@ def subject_report(root: str | Path, subject: int) -> dict:
 def world_report(root: str | Path, subjects: list[int] | None = None, write: bool = True) -> dict:
     """Reports for ``subjects`` (default: all of the world's); written to ``world/report.json``."""
     info = read_world_info(root)
-    subjects = subjects or [s["subject"] for s in info["subjects"]]
+    known = [s["subject"] for s in info["subjects"]]
+    unknown = sorted(set(subjects or []) - set(known))
+    if unknown:
+        raise MindhierError(f"{layout.world_info_path(root)}: subject(s) {unknown} not in this world; "
+                            f"it has subjects {known}")
+    subjects = subjects or known
     report = {"world": str(root), "subjects": {str(s): subject_report(root, s) for s in subjects}}
     if write:
         (layout.world_dir(root) / "report.json").write_text(json.dumps(report, indent=1) + "\n")
