@@ -58,9 +58,11 @@ class WorldConfig:
 
 
 PRESETS: dict[str, WorldConfig] = {
-    # CI: seconds. 2 subjects of a few hundred voxels, 5 sessions of 150 trials.
+    # CI: seconds. 2 subjects of a few hundred voxels, 5 sessions of 150 trials. Less latent
+    # noise than demo: with 200 images demo's noise leaves too little for tests to see.
     "tiny": WorldConfig(image_size=32, n_train=200, n_test=20, subjects=(1, 2), voxel_scale=0.02,
-                        trials_per_session=150),
+                        trials_per_session=150,
+                        cortex=CortexConfig(latent_noise=(0.4, 0.4, 0.5), latent_field_noise=(1.0, 0.8))),
     # The default: ~2 minutes on 2 cores; 4 subjects of 2000–2500 voxels, 14 sessions each.
     "demo": WorldConfig(),
     # NSD-sized design (9000 + 1000 images, 40 sessions of 750 trials, no missing repeats).

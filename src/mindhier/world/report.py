@@ -35,52 +35,58 @@ PIX_RES = 16
 # ---------------------------------------------------------------- ridge
 
 class Ridge:
-    """Closed-form ridge regression, many penalties and targets from one eigendecomposition.
+    """Closed-form ridge regression with an intercept; many penalties and targets from one
+    eigendecomposition.
 
-    x and y are centred on their training means (an unpenalised intercept). The decomposition
-    is of xᵀx (p ≤ n) or of the kernel xxᵀ (p > n), so it costs min(n, p)³; either way it
-    gives xc = U S Vᵀ's U and S², from which fits, leave-one-out predictions and weights follow
-    for any penalty. Penalties are relative to the mean eigenvalue, so one grid fits any
-    voxel count.
+    The decomposition is of xcᵀxc (p ≤ n) or of the kernel xc·xcᵀ (p > n), xc the centred
+    features, so it costs min(n, p)³; either way it gives U and S² of xc = U S Vᵀ, from which
+    fits, exact leave-one-out predictions and weights follow for any penalty. Penalties are
+    relative to the mean eigenvalue, so one grid fits any voxel count. float64 throughout:
+    leave-one-out divides by 1 − leverage, which is tiny when p ≳ n.
     """
 
     def __init__(self, x: np.ndarray):
-        self.x_mean = x.mean(axis=0)
-        xc = (x - self.x_mean).astype(np.float32)
+        self.x_mean = x.mean(axis=0, dtype=np.float64)
+        xc = x - self.x_mean
         if xc.shape[1] <= xc.shape[0]:
             s2, v = np.linalg.eigh(xc.T @ xc)
-            keep = s2 > 1e-6 * s2.max()
+            keep = s2 > 1e-9 * s2.max()
             u = (xc @ v[:, keep]) / np.sqrt(s2[keep])
         else:
             s2, u = np.linalg.eigh(xc @ xc.T)
-            keep = s2 > 1e-6 * s2.max()
+            keep = s2 > 1e-9 * s2.max()
             u = u[:, keep]
-        self.xc, self.u, self.s2 = xc, u, s2[keep].astype(np.float64)
+        self.xc, self.u, self.s2 = xc, u, s2[keep]
         self.scale = float(self.s2.mean())
 
-    def _shrink(self, relative_alpha: float) -> np.ndarray:
-        return self.s2 / (self.s2 + relative_alpha * self.scale)
+    def _penalty(self, relative_alpha: float) -> float:
+        return relative_alpha * self.scale
 
     def loo_predictions(self, y: np.ndarray, relative_alphas) -> dict[float, np.ndarray]:
-        """Exact leave-one-out predictions ŷ₋ᵢ = (ŷᵢ − hᵢ yᵢ) / (1 − hᵢ) of the centred model."""
-        y_mean = y.mean(axis=0)
-        yc = (y - y_mean).astype(np.float32)
+        """Exact leave-one-out predictions (intercept refit too): yᵢ − eᵢ / (1 − hᵢ).
+
+        Residuals and 1 − h are built from the shrunk-away part α/(S² + α) directly, never as
+        differences of nearly equal numbers."""
+        n = len(y)
+        yc = y - y.mean(axis=0)
         uty = self.u.T @ yc
+        outside = yc - self.u @ uty  # what no penalty can fit
         u2 = self.u**2
+        free = np.clip(1 - 1 / n - u2.sum(axis=1), 0, None)  # leverage no penalty can take
         out = {}
         for rel in relative_alphas:
-            f = self._shrink(rel)
-            fitted = self.u @ (f[:, None] * uty).astype(np.float32)
-            h = (u2 @ f)[:, None]
-            out[float(rel)] = (fitted - h * yc) / (1 - h) + y_mean
+            gone = self._penalty(rel) / (self.s2 + self._penalty(rel))
+            resid = self.u @ (gone[:, None] * uty) + outside
+            one_minus_h = free + u2 @ gone
+            out[float(rel)] = y - resid / np.maximum(one_minus_h, 1e-12)[:, None]
         return out
 
     def predictor(self, y: np.ndarray, relative_alpha: float):
         """w = xcᵀ U (S² + α)⁻¹ Uᵀ yc; returns x_new ↦ (x_new − mean) w + ȳ."""
         y_mean = y.mean(axis=0)
-        coef = (self.u.T @ (y - y_mean).astype(np.float32)) / (self.s2 + relative_alpha * self.scale)[:, None]
-        w = self.xc.T @ (self.u @ coef.astype(np.float32))
-        return lambda x_new: (x_new - self.x_mean) @ w + y_mean
+        coef = (self.u.T @ (y - y_mean)) / (self.s2 + self._penalty(relative_alpha))[:, None]
+        w = self.xc.T @ (self.u @ coef)
+        return lambda x_new: ((x_new - self.x_mean) @ w + y_mean).astype(np.float32)
 
 
 def fit_ridges(x: np.ndarray, targets: dict) -> dict:
