@@ -163,7 +163,6 @@ class Trainer:
 
     def _load_targets(self) -> None:
         from mindhier.vision import load_vision
-        from mindhier.vision.targets import cached_targets
 
         a = self.args
         vision = load_vision(a.vision).freeze()
@@ -173,22 +172,39 @@ class Trainer:
         self.vision_info = {"identity": vision.identity(), "shape": dataclasses.asdict(self.shape),
                             "layers": list(self.layers), "final_layer": self.final_layer,
                             "layer_map": a.layer_map, "path": str(a.vision)}
-        cache_layers = sorted(set(self.layers) | {self.final_layer})
-        images = np.union1d(self.train.image_indices, self.test.image_indices)
         cache_dir = Path(a.target_cache) if a.target_cache else self.out.parent / "targets"
-        kwargs = dict(image_indices=images, with_text=True, show_progress=self.d.is_main)
         if self.d.is_main:  # one process computes; the others open what it wrote
-            cache = cached_targets(vision, a.data, cache_layers, cache_dir, **kwargs)
+            cache = self._open_cache(vision, cache_dir)
         _barrier(self.d)
         if not self.d.is_main:
-            cache = cached_targets(vision, a.data, cache_layers, cache_dir, **kwargs)
+            cache = self._open_cache(vision, cache_dir)
         check_cached_layers(cache.layers, self.layers, self.final_layer, str(cache.path))
         if not cache.has_text:
             raise MissingTargetsError(f"{cache.path} has no text targets; rebuild it with captions")
-        if cache.path.stat().st_size < IN_MEMORY_LIMIT:
-            cache = type(cache)(cache.path, expect_key=cache.key, in_memory=True)
         self.cache, self.target_names = cache, required_keys(self.layers, self.final_layer)
         del vision
+
+    def _open_cache(self, vision, cache_dir: Path):
+        """A cache of every image (as train-vision or an earlier run may have left) when there is
+        one; else one for just this subject's images (NSD has 73k images, a subject sees 10k)."""
+        from mindhier.vision.targets import TargetCache, cache_key, cache_path, cached_targets
+
+        layers = sorted(set(self.layers) | {self.final_layer})
+        images = np.union1d(self.train.image_indices, self.test.image_indices)
+        whole = cache_path(vision, layers, cache_dir)
+        if whole.is_file():
+            cache = TargetCache(whole, expect_key=cache_key(vision, layers, True))
+            if np.isin(images, cache.image_indices).all():
+                return self._maybe_in_memory(cache)
+        cache = cached_targets(vision, self.args.data, layers, cache_dir, image_indices=images,
+                               with_text=True, show_progress=self.d.is_main)
+        return self._maybe_in_memory(cache)
+
+    @staticmethod
+    def _maybe_in_memory(cache):
+        if cache.path.stat().st_size < IN_MEMORY_LIMIT:
+            return type(cache)(cache.path, expect_key=cache.key, in_memory=True)
+        return cache
 
     def _build_model(self) -> None:
         a = self.args
