@@ -88,9 +88,9 @@ def test_resumed_run_matches_uninterrupted_run(pairs_root, tmp_path, capsys):
     train_vision.train(args_for(pairs_root, tmp_path / "part", epochs=4, no_bf16=True, resume=True), cpu)
     resumed = losses_from(capsys)
     assert resumed == pytest.approx(full[2:], rel=1e-4)
-    a = load_vision(tmp_path / "full").image_embedding(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
-    b = load_vision(tmp_path / "part").image_embedding(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
-    assert torch.allclose(a, b, atol=1e-5)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    a, b = load_vision(tmp_path / "full"), load_vision(tmp_path / "part")
+    assert torch.allclose(a.image_embedding(images), b.image_embedding(images), atol=1e-5)
 
 
 def test_resume_into_another_preset_names_the_fields(pairs_root, tmp_path):

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mindhier.checkpoint import load_checkpoint, load_state_strict, optimizer_from_tensors, optimizer_to_tensors, paths_for
+from mindhier.checkpoint import (load_checkpoint, load_state_strict, optimizer_from_tensors, optimizer_to_tensors,
+                                 paths_for)
 from mindhier.config import get_preset, to_dict
 from mindhier.data import DataError, ImageStore, SubjectIndex, load_captions
 from mindhier.data import layout
@@ -44,8 +45,8 @@ from mindhier.vision.small_clip import (CHECKPOINT_NAME, PRESETS, SmallClip, Sma
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 30
-    global_batch: int = 128
+    epochs: int = 6  # demo world: held-out image->caption top-1 0.84 of 300 after 6 (~15 min, 2 CPU cores)
+    global_batch: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.1  # CLIP's contrastive pre-training value
     warmup_fraction: float = 0.05
@@ -55,21 +56,25 @@ class TrainSettings:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainSettings()
-    p.add_argument("--data", required=True, help="data root in MindEye2 layout (e.g. a world from `mindhier world`)")
+    p.add_argument("--data", required=True, help="data root in MindEye2 layout (e.g. from `mindhier world`)")
     p.add_argument("--out", required=True, help="output folder (checkpoint OUT/vision.*, OUT/eval.json)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model size (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="passes over the training images (default: %(default)s)")
     p.add_argument("--global-batch", type=int, default=d.global_batch,
-                   help="image-caption pairs per step over all processes; also the number of negatives (default: %(default)s)")
+                   help="image-caption pairs per step over all processes, i.e. the negatives each pair is "
+                        "contrasted with (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for init, data order, augmentation (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed for init, data order, augmentation (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                    help="stop once this many epochs are done (for time-limited jobs); --resume continues")
     p.add_argument("--force", action="store_true", help="overwrite an existing run in OUT")
-    p.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="disable bf16 autocast (on by default where the device supports it: CUDA, AVX-512 bf16 CPUs)")
 
 
 # ---------------------------------------------------------------------------- data
