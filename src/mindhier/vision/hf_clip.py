@@ -35,28 +35,16 @@ HOW_TO_GET = (
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
-_TORCHVISION_OPS = None  # keeps the op-schema library alive (see _make_transformers_importable)
-
 
 def _make_transformers_importable() -> None:
-    """transformers imports torchvision when installed; the pinned torchvision wheel is a CUDA
-    build whose import fails on CPU torch until its two NMS op schemas exist (SPEC §8)."""
-    global _TORCHVISION_OPS
-    if _TORCHVISION_OPS is not None or torch.version.cuda:
-        return
+    """transformers imports torchvision when it is installed; the pinned torchvision wheel needs
+    the CPU-torch shim of :mod:`mindhier.metrics.tv` to import at all (SPEC §8)."""
+    from mindhier.metrics.tv import import_torchvision
+
     try:
-        torch.ops.torchvision.nms  # noqa: B018  (already registered by a real torchvision)
-        return
-    except (AttributeError, RuntimeError):
-        pass
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _TORCHVISION_OPS = lib
-
-
-def is_hf_dir(path) -> bool:
-    return Path(path).is_dir()
+        import_torchvision()
+    except ImportError:
+        pass  # torchvision not installed: transformers does not import it either
 
 
 def check_hf_dir(path) -> dict:
