@@ -31,8 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)   # one fused kernel
         return normed.type_as(x) * self.weight
 
 
@@ -68,13 +67,12 @@ def rope_angles(scales: tuple[int, ...], head_dim: int, theta: float, rope_size:
     return torch.cat(tables, dim=0)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x₂ᵢ, x₂ᵢ₊₁) of x (B, H, L, hd) by the angles whose cos/sin are
-    (L, hd/2). Done in float32 whatever the autocast dtype, then cast back."""
-    x32 = x.float().unflatten(-1, (-1, 2))
-    real, imag = x32[..., 0], x32[..., 1]
-    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x₂ᵢ, x₂ᵢ₊₁) of x (B, H, L, hd), read as complex numbers, by
+    ``rotation`` = exp(i·angle), complex64 (L, hd/2). Done in float32 whatever the autocast
+    dtype (one complex multiply), then cast back."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,10 +102,10 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x, cos, sin, mask=None):
+    def forward(self, x, rotation, mask=None):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q = apply_rope(split_heads(qk_norm(q), self.num_heads), cos, sin)
-        k = apply_rope(split_heads(qk_norm(k), self.num_heads), cos, sin)
+        q = apply_rope(split_heads(qk_norm(q), self.num_heads), rotation)
+        k = apply_rope(split_heads(qk_norm(k), self.num_heads), rotation)
         v = split_heads(v, self.num_heads)
         return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
@@ -174,18 +172,19 @@ class GeneratorBlock(nn.Module):
         """This layer's cross-attention K/V for a context (B, Lctx, Dctx): the per-image cache."""
         return self.cross_attn.keys_values(self.context_norm(context))
 
-    def forward(self, x, cond, cos, sin, self_mask, cross_mask, context=None, cross_kv=None):
-        """``cross_kv`` (this layer's cached K/V) or ``context`` (K/V computed here, inside
-        forward, so that FSDP has this block's weights gathered when they are used)."""
+    def forward(self, x, cond, rotation, self_mask, cross_mask, context=None, cross_kv=None):
+        """``rotation``: the RoPE table of these tokens (complex, (L, hd/2)). ``cross_kv`` (this
+        layer's cached K/V) or ``context`` (K/V computed here, inside forward, so that FSDP has
+        this block's weights gathered when they are used)."""
         if cross_kv is None:
             cross_kv = self.cross_keys_values(context)
         gate1, gate2, scale1, scale2, shift1, shift2 = self.adaln(F.silu(cond)).unsqueeze(1).chunk(6, -1)
-        h = self.self_attn(self.self_attn_pre_norm(x) * (1 + scale1) + shift1, cos, sin, self_mask)
-        x = x + self.self_attn_post_norm(h) * gate1
+        h = self.self_attn(torch.addcmul(shift1, self.self_attn_pre_norm(x), 1 + scale1), rotation, self_mask)
+        x = torch.addcmul(x, self.self_attn_post_norm(h), gate1)
         h = self.cross_attn(self.cross_attn_pre_norm(x), cross_kv, cross_mask)
         x = x + self.cross_attn_post_norm(h)
-        h = self.ffn(self.ffn_pre_norm(x) * (1 + scale2) + shift2)
-        return x + self.ffn_post_norm(h) * gate2
+        h = self.ffn(torch.addcmul(shift2, self.ffn_pre_norm(x), 1 + scale2))
+        return torch.addcmul(x, self.ffn_post_norm(h), gate2)
 
 
 class AdaLNHead(nn.Module):
@@ -200,7 +199,7 @@ class AdaLNHead(nn.Module):
 
     def forward(self, x, cond):
         scale, shift = self.adaln(F.silu(cond)).unsqueeze(1).chunk(2, -1)
-        return self.proj(F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale) + shift)
+        return self.proj(torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=self.eps), 1 + scale))
 
 
 def init_generator_weights(model: nn.Module, blocks, head: AdaLNHead, width: int,

@@ -106,7 +106,7 @@ class ScaleAwareGenerator(nn.Module):
         # RoPE tables stay float32 whatever the model is cast to (bf16 inference): kept per
         # device outside the buffers, so .to(dtype) never rounds the angles.
         angles = rope_angles(cfg.scales, cfg.width // cfg.num_heads, cfg.rope_theta, cfg.rope_size)
-        self._rope = {torch.device("cpu"): (angles.cos(), angles.sin())}
+        self._rope = {torch.device("cpu"): torch.polar(torch.ones_like(angles), angles)}
         # Same-scale-only self-attention: block-diagonal (L, L), True = may attend.
         self.register_buffer("self_mask", scale_of_token[:, None] == scale_of_token[None, :], persistent=False)
         offsets = [0]
@@ -114,12 +114,11 @@ class ScaleAwareGenerator(nn.Module):
             offsets.append(offsets[-1] + pn * pn)
         self.scale_offsets = tuple(offsets)
 
-    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (cos, sin) of the RoPE angles, (L, head_dim/2), on ``device``."""
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        """exp(i·angle) of every token's RoPE angles, complex64 (L, head_dim/2), on ``device``."""
         device = torch.device(device)
         if device not in self._rope:
-            cos, sin = self._rope[torch.device("cpu")]
-            self._rope[device] = (cos.to(device), sin.to(device))
+            self._rope[device] = self._rope[torch.device("cpu")].to(device)
         return self._rope[device]
 
     def init_weights(self) -> None:
@@ -240,9 +239,9 @@ class ScaleAwareGenerator(nn.Module):
         x = self.embed(tf_input.to(self.dtype), cond_vec)
         cross_mask = self.cross_mask(cond)
         hidden = [x]
-        cos, sin = self.rope_tables(x.device)
+        rotation = self.rope_table(x.device)
         for block in self.blocks:
-            x = block(x, cond_vec, cos, sin, self.self_mask, cross_mask, context=context)
+            x = block(x, cond_vec, rotation, self.self_mask, cross_mask, context=context)
             hidden.append(x)
         logits = self.head(x, cond_vec)
         return (logits, hidden) if return_hidden else logits
@@ -269,10 +268,10 @@ class ScaleAwareGenerator(nn.Module):
                     f"scale {si} input has shape {got}, expected {(B, hi - lo, cfg.z_channels)}")
             x = self.token_embed(x_in.to(self.dtype))
         x = x + self.scale_embed.weight[si]
-        cos, sin = (t[lo:hi] for t in self.rope_tables(x.device))
+        rotation = self.rope_table(x.device)[lo:hi]
         visible = self.visible_context(si, cond)
         cols = None if visible is None else visible.nonzero().squeeze(1)
         for block, (k, v) in zip(self.blocks, cache.keys_values):
             kv = (k, v) if cols is None else (k[:, :, cols], v[:, :, cols])
-            x = block(x, cache.cond_vec, cos, sin, None, None, cross_kv=kv)
+            x = block(x, cache.cond_vec, rotation, None, None, cross_kv=kv)
         return self.head(x, cache.cond_vec)

@@ -128,7 +128,12 @@ def parallelize(model: ScaleAwareGenerator, d: Dist, how: str) -> torch.nn.Modul
     if not d.enabled:
         return model
     if how == "fsdp":
+        import warnings
+
         from torch.distributed.fsdp import fully_shard
+
+        # The logits are a view of the head's matmul output; nothing modifies them in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
         for block in model.blocks:
             fully_shard(block)
