@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,6 +61,10 @@ def check_hf_dir(path) -> dict:
     if not ((root / "tokenizer.json").exists() or
             ((root / "vocab.json").exists() and (root / "merges.txt").exists())):
         missing.append("tokenizer.json or vocab.json + merges.txt (tokenizer)")
+    if not missing and not any((root / f).exists() for f in WEIGHT_FILES[:2]):
+        warnings.warn(f"{root}: only pytorch_model.bin weights; transformers reads them with "
+                      "torch.load(weights_only=True) (no arbitrary code), but model.safetensors is preferred "
+                      "(the same Hugging Face repository has it)", stacklevel=3)
     if missing:
         raise VisionError(f"CLIP folder {root} is incomplete: missing {', '.join(missing)}. {HOW_TO_GET}")
     try:
