@@ -133,3 +133,24 @@ def test_two_processes_compute_the_same_gradients_as_one(stack, parallel):
         scale = a[key].abs().max().clamp_min(1e-12)
         assert ((a[key] - b[key]).abs().max() / scale) < 1e-4, key
     assert read_log(one)[0]["loss"] == pytest.approx(read_log(two)[0]["loss"], rel=1e-5)
+
+
+def test_on_the_fly_tokens_match_cached_tokens(stack):
+    cached, fly = stack["root"] / "tok_cached", stack["root"] / "tok_fly"
+    assert cli_main(train_args(stack, cached, "--precision", "fp32", steps=2)) == 0
+    assert cli_main(train_args(stack, fly, "--precision", "fp32", "--tokens", "on-the-fly", steps=2)) == 0
+    assert not (fly / "tokens.safetensors").exists()
+    assert [r["loss"] for r in read_log(cached)] == pytest.approx([r["loss"] for r in read_log(fly)], rel=1e-6)
+
+
+def test_init_from_switti_reports_every_tensor(stack, capsys):
+    weights = Path(__file__).resolve().parents[2] / "shared" / "reference" / "switti_small_weights.safetensors"
+    if not weights.exists():
+        pytest.skip(f"upstream reference file {weights} is absent (it lives in ../shared/reference)")
+    out = stack["root"] / "from_switti"
+    assert cli_main(train_args(stack, out, "--init-switti", str(weights), steps=1)) == 0
+    printed = capsys.readouterr().out
+    # the tiny preset (width 64) cannot take the 128-wide reference weights: all re-initialised, each with a reason
+    assert "re-initialised" in printed and "shape (512, 128) in the checkpoint" in printed
+    assert "derived buffer" in printed
+    assert json.loads((out / "generator.json").read_text())["init_switti"] == str(weights)
