@@ -155,14 +155,14 @@ def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: T
 # Released checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def released_checkpoints(folder: Path) -> dict[str, Path]:
+def released_checkpoints(folder: Path, preset: str = "demo") -> dict[str, Path]:
     """The released checkpoints, checked against this code (clear message if stale)."""
     ck = {s: folder / s for s in STAGES}
     missing = [s for s, p in ck.items() if not all(x.exists() for x in paths_for(p))]
     if missing:
         raise DemoError(f"released checkpoints missing in {folder}: {', '.join(missing)}. "
                         "Train them with `mindhier demo --from-scratch` (about 45 min on 2 CPU cores).")
-    check_released_against_code(ck)
+    check_released_against_code(ck, preset)
     return ck
 
 
@@ -177,7 +177,7 @@ DERIVED_FIELDS = {
 }
 
 
-def check_released_against_code(ck: dict[str, Path]) -> None:
+def check_released_against_code(ck: dict[str, Path], preset: str = "demo") -> None:
     """Each released checkpoint must have been trained from this code's ``demo`` preset, and
     must load (strict keys and shapes) into the model this code builds from its config."""
     from mindhier.config import diff_configs, to_dict
@@ -190,13 +190,13 @@ def check_released_against_code(ck: dict[str, Path]) -> None:
     problems = []
     for stage, path in ck.items():
         found = read_metadata(path).get("config", {})
-        diffs = [d for d in diff_configs(to_dict(presets[stage]["demo"]), found)
+        diffs = [d for d in diff_configs(to_dict(presets[stage][preset]), found)
                  if d.split(":")[0] not in DERIVED_FIELDS[stage]]
         if diffs:
             problems.append(f"{stage} ({paths_for(path)[1]}):\n    " + "\n    ".join(diffs[:6]))
     if problems:
         raise DemoError("the released checkpoints were trained with other configs than this code's "
-                        "`demo` presets:\n  " + "\n  ".join(problems)
+                        f"`{preset}` presets:\n  " + "\n  ".join(problems)
                         + "\nRetrain them: `mindhier demo --from-scratch --release` (about 45 min on 2 cores).")
     load_all(ck)
 
@@ -215,6 +215,20 @@ def load_all(ck: dict[str, Path]) -> None:
         except MindhierError as err:
             raise DemoError(f"released {stage} checkpoint does not fit this code: {err}\n"
                             "Retrain them: `mindhier demo --from-scratch --release`.") from err
+
+
+def check_same_data(encoder_ckpt: Path, world: Path, subject: int) -> None:
+    """The released encoder must have been trained on exactly this world (same files)."""
+    from mindhier.data import data_manifest, diff_manifests
+
+    saved = read_metadata(encoder_ckpt).get("data_manifest")
+    if not saved:
+        raise DemoError(f"{paths_for(encoder_ckpt)[1]} records no data manifest; retrain with --from-scratch")
+    diffs = diff_manifests(saved, data_manifest(world, [subject]))
+    if diffs:
+        raise DemoError(f"the world in {world} is not the one the released checkpoints were trained on:\n  "
+                        + "\n  ".join(diffs[:6]) + "\nDelete the folder so the demo regenerates it, "
+                        "or retrain with --from-scratch.")
 
 
 def release(ck: dict[str, Path], folder: Path, timings: dict[str, float], metrics: dict) -> None:
@@ -277,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
     if args.from_scratch:
         ck = train_stages(world, out / "train", recipe, args.subject, timer)
     else:
-        ck = released_checkpoints(Path(args.checkpoints))
+        ck = released_checkpoints(Path(args.checkpoints), recipe.world)
+        check_same_data(ck["encoder"], world, args.subject)
     recon_dir = out / "reconstruct"
     argv = ["reconstruct", "--data", str(world), "--subject", str(args.subject),
             "--encoder", str(ck["encoder"]), "--tokenizer", str(ck["tokenizer"]),

@@ -1,0 +1,72 @@
+"""The whole from-scratch demo on the tiny world, then the released-checkpoint path."""
+
+import json
+import math
+
+import pytest
+
+from mindhier import cli
+from mindhier.demo import DemoError, RECIPES, check_released_against_code
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    argv = ["demo", "--recipe", "tiny", "--from-scratch", "--release", "--out", str(root / "run"),
+            "--world", str(root / "world"), "--checkpoints", str(root / "released")]
+    assert cli.main(argv) == 0
+    return root
+
+
+def test_report_files_and_metrics_in_range(tiny_demo):
+    run = tiny_demo / "run"
+    for name in ("report.html", "report.md", "report.json", "reconstructions.png", "coarse_to_fine_0.png"):
+        assert (run / name).is_file(), name
+    assert (run / "reconstruct" / "recons.safetensors").is_file()
+    report = json.loads((run / "report.json").read_text())
+    rows = report["metrics"]
+    assert {"Ceiling: tokenizer reconstruction", "Floor: ridge voxels → pixels"} <= set(rows)
+    assert any(name.startswith("MindHier") for name in rows)
+    for name, values in rows.items():
+        for key in ("pixcorr", "ssim", "clip_ours", "lite0_twoway", "lite0_dist"):
+            v = values[key]
+            assert v is not None and math.isfinite(v), (name, key)
+            low, high = (-1, 1) if key in ("pixcorr", "ssim") else (0, 2)
+            assert low <= v <= high, (name, key, v)
+    assert set(report["timings"]) >= {"world", "train vision", "train encoder", "train tokenizer",
+                                       "train generator", "reconstruct"}
+
+
+def test_release_writes_model_cards_and_default_demo_uses_them(tiny_demo):
+    released = tiny_demo / "released"
+    for stage in ("vision", "encoder", "tokenizer", "generator"):
+        assert (released / f"{stage}.safetensors").is_file()
+        card = (released / f"{stage}.md").read_text()
+        assert "config hash" in card and "git commit" in card
+    argv = ["demo", "--recipe", "tiny", "--out", str(tiny_demo / "again"), "--world",
+            str(tiny_demo / "world"), "--checkpoints", str(released)]
+    assert cli.main(argv) == 0
+    assert (tiny_demo / "again" / "report.html").is_file()
+
+
+def test_from_scratch_rerun_reuses_finished_stages(tiny_demo, capsys):
+    from mindhier.demo import Timer, train_stages
+
+    timer = Timer()
+    train_stages(tiny_demo / "world", tiny_demo / "run" / "train", RECIPES["tiny"], 1, timer)
+    assert capsys.readouterr().out.count("reusing") == 4
+
+
+def test_stale_released_checkpoint_is_refused_with_retrain_hint(tiny_demo, tmp_path):
+    import shutil
+
+    folder = tmp_path / "released"
+    shutil.copytree(tiny_demo / "released", folder)
+    meta = json.loads((folder / "tokenizer.json").read_text())
+    meta["config"]["vocab_size"] += 1
+    (folder / "tokenizer.json").write_text(json.dumps(meta))
+    ck = {s: folder / s for s in ("vision", "encoder", "tokenizer", "generator")}
+    with pytest.raises(DemoError, match="vocab_size.*\n.*--from-scratch|--from-scratch"):
+        check_released_against_code(ck, "tiny")
