@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from mindhier import cli
-from mindhier.config import from_dict
+from mindhier.config import ConfigError, from_dict
 from mindhier.data import layout
 from mindhier.world import PRESETS, WorldConfig, WorldExistsError, generate_world
+from mindhier.world.generate import check_config
 from mindhier.world.images import (CATEGORIES, BackgroundSpec, ObjectSpec, SceneSpec, captions, render_scene,
                                    sample_scenes)
 from mindhier.world.report import Ridge, analyse, load_subject, pixcorr, split_half, subject_report
@@ -64,6 +65,18 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(world, tmp_path)
     for name in ("coco_images_224_float16.hdf5", "betas_all_subj01_fp32_renorm.hdf5", "COCO_73k_annots_curated.npy"):
         assert a[name] != b[name], name
     assert json.loads(layout.world_info_path(other).read_text())["seed"] == 7
+
+
+def test_presets_are_valid_and_nsd_like():
+    for name, cfg in PRESETS.items():
+        check_config(cfg)
+        assert cfg.trials_per_session <= 750 and len(CATEGORIES) >= 10, name
+    assert PRESETS["demo"].subjects == PRESETS["large"].subjects == (1, 2, 5, 7)
+    assert PRESETS["tiny"].subjects == (1, 2)
+    large = PRESETS["large"]  # NSD's design: 40 sessions of 750 trials
+    assert 3 * large.n_images == 40 * large.trials_per_session and large.fewer_reps_fraction == 0
+    with pytest.raises(ConfigError, match="trials_per_session"):
+        check_config(WorldConfig(trials_per_session=751))
 
 
 def test_scene_sampling_is_per_index():

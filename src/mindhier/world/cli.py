@@ -20,12 +20,11 @@ from mindhier.world.config import PRESETS, world_preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                        help="world size: tiny (CI, seconds), demo (~2 min), large (NSD-sized design)")
+                        help="world size: tiny (CI, seconds), demo (~1-2 min), large (NSD-sized design) (default: demo)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: worlds/PRESET)")
     parser.add_argument("--seed", type=int, default=None, help="world seed (default: the preset's, 0)")
-    parser.add_argument("--force", action="store_true", help="replace the world files in a non-empty --out")
+    parser.add_argument("--force", action="store_true", help="replace the world files in a non-empty --out (other files there are kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--report", type=Path, default=None, metavar="DIR",
                         help="instead of generating, measure the world in DIR and write DIR/world/report.json")

@@ -15,6 +15,7 @@ caption; its category is the label the world report decodes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -216,10 +217,13 @@ def _pale(rgb: np.ndarray, amount: float = 0.45) -> np.ndarray:
     return (1 - amount) * rgb + amount * np.float32(1.0)
 
 
+@functools.lru_cache(maxsize=4)
 def _coords(canvas: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates in image fractions, shape (canvas, canvas) each."""
+    """Pixel-centre coordinates in image fractions, shape (canvas, canvas) each (read-only)."""
     t = (np.arange(canvas, dtype=np.float32) + 0.5) / canvas
-    return np.meshgrid(t, t, indexing="xy")
+    x, y = np.meshgrid(t, t, indexing="xy")
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def draw_background(bg: BackgroundSpec, canvas: int) -> np.ndarray:
