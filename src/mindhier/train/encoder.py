@@ -73,8 +73,14 @@ class TrainSettings:
     precision: str
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, module doc kept as written."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Module doc kept as written; real defaults shown (not the None of required/optional flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
