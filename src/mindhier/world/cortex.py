@@ -64,6 +64,17 @@ def early_channel_probabilities(signed_fraction: float) -> np.ndarray:
     return np.concatenate([signed, energy])
 
 
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` whose float32 result does not depend on the BLAS thread count.
+
+    OpenBLAS splits sums differently for different thread counts, so plain products differ in
+    the last bits between machines (and the world's files would too). Summing in float64 and
+    snapping to a 2⁻¹² grid — far below any noise level here — gives identical values except
+    with a probability of about 1e-11 per value."""
+    out = np.asarray(a, dtype=np.float64) @ np.asarray(b, dtype=np.float64)
+    return (np.round(out * 4096.0) / 4096.0).astype(np.float32)
+
+
 def opponent(rgb: np.ndarray) -> np.ndarray:
     """(…, 3) RGB → (…, 3) luminance, red–green, blue–yellow."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
@@ -205,7 +216,7 @@ def build_cortex(cfg: WorldConfig, seed: int, subject: int) -> SubjectCortex:
 
     # mid: shape-attribute preference × Gaussian colour tuning in opponent space
     attr_pref = np.abs(rng.normal(size=(SHAPE_ATTRIBUTES.shape[1], vm))) ** 2
-    mid_shape = SHAPE_ATTRIBUTES @ attr_pref + 0.3 * rng.random((n_cat, vm))
+    mid_shape = matmul(SHAPE_ATTRIBUTES, attr_pref) + 0.3 * rng.random((n_cat, vm))
     pref_colour = _PALETTE_OPP[rng.integers(n_col, size=vm)] + rng.normal(0, 0.08, size=(vm, 3))
     d2 = ((_PALETTE_OPP[:, None, :] - pref_colour[None]) ** 2).sum(-1)
     mid_colour = np.exp(-d2 / (2 * 0.25**2)) + 0.1
@@ -214,7 +225,7 @@ def build_cortex(cfg: WorldConfig, seed: int, subject: int) -> SubjectCortex:
     # voxels are strongly selective for one category, the rest read the space broadly
     rng_space = np.random.default_rng([seed, STREAM_CORTEX, 0])  # the same space for every subject
     space = np.concatenate([SHAPE_ATTRIBUTES, rng_space.normal(0, 0.6, size=(n_cat, 6))], axis=1)
-    high_category = space @ rng.normal(size=(space.shape[1], vh))
+    high_category = matmul(space, rng.normal(size=(space.shape[1], vh)))
     selective = rng.random(vh) < 0.35
     high_category[:, selective] *= 0.3
     high_category[rng.integers(n_cat, size=selective.sum()), np.flatnonzero(selective)] += 2.5
@@ -280,22 +291,22 @@ def image_drive(cx: SubjectCortex, feats: WorldFeatures, cfg: CortexConfig) -> D
     early = np.empty((n, len(cols[0])), dtype=np.float32)
     for c in range(N_EARLY_CHANNELS):
         idx = np.flatnonzero(cx.early_channel == c)
-        early[:, idx] = (feats.early[:, c] @ cx.early_rf[:, idx]) * cx.early_sign[idx]
+        early[:, idx] = matmul(feats.early[:, c], cx.early_rf[:, idx]) * cx.early_sign[idx]
     value[:, cols[0]] = _standardise(early)
 
-    covered = feats.coverage.reshape(n * 3, -1) @ cx.mid_rf  # (N·3, Vm) object coverage in RF
+    covered = matmul(feats.coverage.reshape(n * 3, -1), cx.mid_rf)  # (N·3, Vm) object coverage in RF
     covered = covered.reshape(n, 3, -1)
     present = feats.category >= 0
     tuning = (cx.mid_shape[np.maximum(feats.category, 0)] * cx.mid_colour[np.maximum(feats.colour, 0)]
               * present[..., None])
     mid = (covered * tuning).sum(axis=1)
-    uncovered = (1 - feats.coverage.sum(axis=1)) @ cx.mid_rf
+    uncovered = matmul(1 - feats.coverage.sum(axis=1), cx.mid_rf)
     mid += cfg.mid_background_weight * uncovered * cx.mid_background[feats.bg_kind] * cx.mid_colour[feats.bg_colour]
     value[:, cols[1]] = _standardise(mid)
 
-    cat_raw = category_evidence(feats) @ cx.high_category
+    cat_raw = matmul(category_evidence(feats), cx.high_category)
     lum = feats.early[:, 0].mean(axis=1)
-    scene = _standardise(scene_content(feats, lum)) @ cx.high_scene
+    scene = matmul(_standardise(scene_content(feats, lum)), cx.high_scene)
     w = cfg.high_category_weight
     high_scale = cat_raw.std(axis=0) + 1e-6
     value[:, cols[2]] = _standardise(np.sqrt(w) * _standardise(cat_raw) + np.sqrt(1 - w) * _standardise(scene))
@@ -322,7 +333,7 @@ def latent_noise(cx: SubjectCortex, drive: Drive, rng: np.random.Generator, n_tr
     p = cx.early_rf.shape[0]
 
     def through_rf(maps: np.ndarray, rf: np.ndarray) -> np.ndarray:
-        return (maps @ rf) / np.linalg.norm(rf, axis=0)
+        return matmul(maps, rf) / np.linalg.norm(rf, axis=0)
 
     def map_noise(channel_of_voxel: np.ndarray, field_sd: np.ndarray, rf: np.ndarray, roi: int) -> np.ndarray:
         # white noise maps per channel seen through each RF, plus a whole-field shift per
@@ -340,7 +351,7 @@ def latent_noise(cx: SubjectCortex, drive: Drive, rng: np.random.Generator, n_tr
     out[:, drive.mid_cols] = map_noise(cx.mid_noise_map, np.full(4, cfg.latent_field_noise[MID]), cx.mid_rf, MID)
 
     evidence_noise = rng.standard_normal((n_trials, len(CATEGORIES)), dtype=np.float32)
-    high = (evidence_noise @ cx.high_category) / drive.high_cat_scale
+    high = matmul(evidence_noise, cx.high_category) / drive.high_cat_scale
     out[:, drive.high_cols] = cfg.latent_noise[HIGH] * np.sqrt(cfg.high_category_weight) * high
     return out
 
