@@ -18,7 +18,8 @@ from mindhier.world import cortex as cortex_mod
 from mindhier.world import writer
 from mindhier.world.config import PRESETS, WorldConfig
 from mindhier.world.design import choose_test_images, make_design
-from mindhier.world.images import BACKGROUNDS, CATEGORIES, COLOUR_NAMES, SUPERSAMPLE, caption_array, render_scene, sample_scenes
+from mindhier.world.images import (BACKGROUNDS, CATEGORIES, COLOUR_NAMES, SUPERSAMPLE, caption_array, render_scene,
+                                   sample_scenes)
 
 WORLD_FORMAT = 1
 
