@@ -36,3 +36,26 @@ def test_single_process_without_torchrun(monkeypatch):
     d = init_distributed("cpu")
     assert (d.rank, d.world_size, d.is_main, d.enabled) == (0, 1, True, False)
     assert d.device == torch.device("cpu")
+
+
+def test_grad_norm_matches_manual_sum():
+    import math
+
+    from mindhier.train.common import grad_norm
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    manual = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
+    assert grad_norm(model) == pytest.approx(manual, rel=1e-5)
+
+
+def test_finite_guard_skips_then_stops():
+    from mindhier.errors import MindhierError
+    from mindhier.train.common import check_finite
+
+    state = {}
+    assert check_finite(torch.tensor(1.0), 0, 3, state)
+    assert not check_finite(torch.tensor(float("nan")), 1, 3, state)
+    assert not check_finite(torch.tensor(float("inf")), 2, 3, state)
+    with pytest.raises(MindhierError, match="not finite for 3 steps"):
+        check_finite(torch.tensor(float("nan")), 3, 3, state)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mindhier.errors import MindhierError
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -65,8 +67,8 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(MindhierError, RuntimeError):
+    """Training diverged: the message says when and what to change."""
 
 
 def check_finite(loss: torch.Tensor, step: int, max_bad: int, state: dict) -> bool:
@@ -90,8 +92,8 @@ def progress(iterable=None, *, total=None, desc: str = "", enabled: bool = True,
 
 
 def grad_norm(model: torch.nn.Module) -> float:
-    total = 0.0
-    for p in model.parameters():
-        if p.grad is not None:
-            total += float(p.grad.detach().float().pow(2).sum())
-    return math.sqrt(total)
+    """Global L2 norm of the gradients, with one host sync (not one per parameter)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
