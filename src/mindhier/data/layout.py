@@ -25,6 +25,12 @@ BEHAV_COLUMNS = 17
 COL_IMAGE = 0  # COCO-73k image index, 0-based
 COL_SUBJECT = 1  # subject number (NSD responses-table order)
 COL_SESSION = 2  # session, 1-based
+COL_RUN = 3  # run within the session, 1-based
+COL_TRIAL_IN_RUN = 4  # trial within the run, 1-based
+COL_IS_OLD = 7  # 1 when the image was shown before (a repetition)
+COL_TRIALS_SINCE_LAST = 11  # trials since the previous showing of this image
+COL_TRIALS_SINCE_FIRST = 12  # trials since the first showing of this image
+COL_REPETITION = 14  # 0 for the first showing, 1, 2 for repetitions
 COL_TRIAL = 5  # global trial = row in the betas file
 COL_SHARED = 16  # 1 when the image is one of the shared1000 (test) images
 

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from mindhier.data import layout
-from mindhier.data.layout import BEHAV_COLUMNS, COL_IMAGE, COL_SHARED, COL_TRIAL
+from mindhier.data import layout as L
 from mindhier.world.design import Design
 
 RUNS_PER_SESSION = 12
@@ -41,22 +41,22 @@ OLDS_ROWS = 2
 def behav_table(design: Design) -> np.ndarray:
     """(T, 17) float32 behav rows of every trial of a subject (columns in the module doc)."""
     t = design.n_trials
-    table = np.full((t, BEHAV_COLUMNS), -1.0, dtype=np.float32)
+    table = np.full((t, L.BEHAV_COLUMNS), -1.0, dtype=np.float32)
     run_len = -(-design.trials_per_session // RUNS_PER_SESSION)
     in_session = design.trial_in_session
-    table[:, COL_IMAGE] = design.image
-    table[:, 1] = design.subject
-    table[:, 2] = design.session
-    table[:, 3] = in_session // run_len + 1
-    table[:, 4] = in_session % run_len + 1
-    table[:, COL_TRIAL] = np.arange(t)
-    table[:, 7] = design.repetition > 0
-    table[:, 14] = design.repetition
-    table[:, COL_SHARED] = design.is_test
+    table[:, L.COL_IMAGE] = design.image
+    table[:, L.COL_SUBJECT] = design.subject
+    table[:, L.COL_SESSION] = design.session
+    table[:, L.COL_RUN] = in_session // run_len + 1
+    table[:, L.COL_TRIAL_IN_RUN] = in_session % run_len + 1
+    table[:, L.COL_TRIAL] = np.arange(t)
+    table[:, L.COL_IS_OLD] = design.repetition > 0
+    table[:, L.COL_REPETITION] = design.repetition
+    table[:, L.COL_SHARED] = design.is_test
     for trial, (prev, first) in enumerate(_previous_showings(design.image)):
         if prev >= 0:
-            table[trial, 11] = trial - prev
-            table[trial, 12] = trial - first
+            table[trial, L.COL_TRIALS_SINCE_LAST] = trial - prev
+            table[trial, L.COL_TRIALS_SINCE_FIRST] = trial - first
     return table
 
 
@@ -88,12 +88,12 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def sample_arrays(table: np.ndarray, trial: int, olds: list[int]) -> dict[str, np.ndarray]:
     """The four .npy members of one trial's webdataset sample."""
-    pad = np.full((CONTEXT_ROWS, BEHAV_COLUMNS), -1.0, dtype=np.float32)
+    pad = np.full((CONTEXT_ROWS, L.BEHAV_COLUMNS), -1.0, dtype=np.float32)
     past, future = pad.copy(), pad.copy()
     before = table[max(0, trial - CONTEXT_ROWS):trial][::-1]
     after = table[trial + 1:trial + 1 + CONTEXT_ROWS]
     past[:len(before)], future[:len(after)] = before, after
-    old = np.full((OLDS_ROWS, BEHAV_COLUMNS), -1.0, dtype=np.float32)
+    old = np.full((OLDS_ROWS, L.BEHAV_COLUMNS), -1.0, dtype=np.float32)
     for k, t in enumerate(olds[::-1][:OLDS_ROWS]):
         old[k] = table[t]
     return {"behav": table[trial:trial + 1], "past_behav": past, "future_behav": future, "olds_behav": old}
