@@ -91,3 +91,27 @@ def test_metrics_against_known_answers():
     assert (train_tok.ssim_per_image(torch.rand(3, 3, 16, 16), x) < 0.5).all()
     u = train_tok.usage_summary(torch.tensor([[1.0, 1, 0, 0], [4, 0, 0, 0]]))
     assert u["used_fraction"] == [0.5, 0.25] and u["perplexity"] == [2.0, 1.0] and u["used_overall"] == 0.5
+
+
+def test_torchrun_two_processes_match_one(image_root, tmp_path):
+    """2 gloo processes share each global batch: same losses and weights as one process."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--steps", 6, "--no-restart"]
+    one = run_cli(image_root, tmp_path / "one", *common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mindhier",
+           "train-tokenizer", "--data", str(image_root), "--preset", "tiny", "--out", str(tmp_path / "two"),
+           "--global-batch", "8", "--lr", "2e-3", "--warmup", "2", "--usage-window", "4", "--log-every", "1",
+           "--device", "cpu", "--no-bf16", *map(str, common)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "= 2 x 1 x 4" in done.stdout
+    two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    a = load_tokenizer(tmp_path / "one" / "tokenizer")
+    b = load_tokenizer(tmp_path / "two" / "tokenizer")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-4), name

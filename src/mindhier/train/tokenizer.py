@@ -111,19 +111,34 @@ class TrainImages:
     def __len__(self) -> int:
         return len(self.idx)
 
-    def batch(self, n: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-        """n random training images (with replacement) in [-1, 1], randomly flipped left-right."""
+    def draw(self, n: int, flip: bool, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The choices of one global batch: n random image positions (with replacement) and
+        which of them to flip left-right. Every rank draws the same and takes its share, so a
+        run's batches do not depend on the number of processes."""
         pick = torch.randint(0, len(self.idx), (n,), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+        return pick, flips
+
+    def images(self, pick: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Images at positions ``pick`` in [-1, 1], flipped where ``flips``."""
         x = self.cache[pick].float() if self.cache is not None else load_images(self.store, self.idx[pick.numpy()], self.size)
-        if flip:
-            mask = torch.rand(n, generator=g) < 0.5
-            x[mask] = x[mask].flip(-1)
+        x[flips] = x[flips].flip(-1)
         return MultiScaleVQVAE.images01_to_input(x)
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    # Every random choice of a step comes from (seed, step, rank): --resume replays exactly.
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    # Every random choice of a step comes from (seed, step): --resume replays exactly, and
+    # all ranks agree on the global batch.
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919)
+
+
+def rank_batches(images: TrainImages, g: torch.Generator, global_batch: int, micro: int, accum: int,
+                 rank: int, flip: bool) -> list[torch.Tensor]:
+    """This rank's micro-batches of the step's global batch."""
+    pick, flips = images.draw(global_batch, flip, g)
+    mine = slice(rank * micro * accum, (rank + 1) * micro * accum)
+    pick, flips = pick[mine], flips[mine]
+    return [images.images(pick[i * micro:(i + 1) * micro], flips[i * micro:(i + 1) * micro]) for i in range(accum)]
 
 
 # ----------------------------------------------------------------------------- codebook usage
@@ -227,14 +242,15 @@ def resume_state(out: Path, model: MultiScaleVQVAE, opt, device) -> tuple[int, t
     return int(meta["step"]), tensors[TRAIN_PREFIX + "window_hits"].to(device)
 
 
-def prepare_out(out: Path, resume: bool, force: bool) -> None:
+def prepare_out(out: Path, resume: bool, force: bool, create: bool = True) -> None:
     exists = (out / "last.json").exists() or (out / "tokenizer.json").exists()
     if resume and not (out / "last.json").exists():
         raise MindhierError(f"--resume: {out / 'last.json'} not found; start a new run without --resume")
     if exists and not (resume or force):
         raise MindhierError(f"{out} already holds a tokenizer run; pass --resume to continue it "
                             "or --force to start over (its files will be overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -280,8 +296,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, d) -> int:
     cfg = get_preset(PRESETS, args.preset, "tokenizer")
     out, root = Path(args.out), Path(args.data)
-    if d.is_main:
-        prepare_out(out, args.resume, args.force)
+    prepare_out(out, args.resume, args.force, create=d.is_main)  # every rank checks: none is left waiting
     store = ImageStore(root)
     train_idx, test_idx = split_images(root, store)
     if len(train_idx) == 0:
@@ -316,10 +331,10 @@ def _run(args: argparse.Namespace, d) -> int:
     bar = common.progress(range(step, end), initial=step, total=args.steps, desc="tokenizer", enabled=d.is_main)
     for step in bar:
         model.train()
-        g = step_generator(args.seed, step, d.rank)
+        g = step_generator(args.seed, step)
         torch.manual_seed(args.seed * 1_000_003 + step * 7919 + d.rank)  # residual sampling in the quantiser
         end_of_window = (step + 1) % args.usage_window == 0
-        batches = [train_images.batch(micro, not args.no_flip, g) for _ in range(accum)]
+        batches = rank_batches(train_images, g, args.global_batch, micro, accum, d.rank, not args.no_flip)
         common.set_lr(opt, common.warmup_cosine(step, args.steps, args.warmup, args.lr, min_ratio=0.1))
         metrics, hits, residuals, finite = train_step(model, ddp_model, opt, batches, args, d.device,
                                                       end_of_window and not args.no_restart)
@@ -327,6 +342,9 @@ def _run(args: argparse.Namespace, d) -> int:
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
+        if d.enabled:  # report the global batch's losses, not this rank's share
+            mean = all_reduce_mean(torch.tensor(list(metrics.values()), device=d.device), d)
+            metrics = dict(zip(metrics, mean.tolist()))
         window_hits += hits
         if end_of_window:
             window_hits = all_reduce_mean(window_hits, d) * d.world_size
