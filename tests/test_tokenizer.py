@@ -191,3 +191,22 @@ def test_checkpoint_round_trip_and_other_config_is_refused(tmp_path, tiny):
 def test_config_validation():
     with pytest.raises(ConfigError, match="last scale"):
         VQVAEConfig(image_size=64, ch_mult=(1, 2), scales=(1, 2, 4))
+
+
+def test_real_weights_from_pth_and_safetensors(tmp_path, tiny):
+    """A user's VAR/Switti state dict: .pth through torch.load(weights_only=True), or .safetensors."""
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    torch.save(state, tmp_path / "vae.pth")
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    for name in ("vae.pth", "vae.safetensors"):
+        model = load_vqvae_state_dict(MultiScaleVQVAE(tiny.cfg), tmp_path / name)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    torch.save({"weights": state, "note": object.__new__(VQVAEConfig)}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match="plain state dict"):
+        load_vqvae_state_dict(MultiScaleVQVAE(tiny.cfg), tmp_path / "pickled.pth")
+    state.pop("quantize.embedding.weight")
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(CheckpointError, match="missing keys: quantize.embedding.weight"):
+        load_vqvae_state_dict(MultiScaleVQVAE(tiny.cfg), tmp_path / "partial.safetensors")
