@@ -24,6 +24,10 @@ from mindhier.errors import MindhierError
 
 FORMAT_VERSION = 1
 
+# Tensors a training checkpoint carries besides the model's own weights (optimizer moments,
+# RNG states, trainer buffers); `model_tensors` strips them so a loader sees only the model.
+TRAINING_PREFIXES = ("optim.", "rng.", "train.")
+
 
 class CheckpointError(MindhierError, ValueError):
     """A checkpoint that is missing, incomplete, or does not belong where it is loaded."""
@@ -133,6 +137,11 @@ def check_config(meta: dict, config: Any, where: Any = "checkpoint") -> None:
             f"{where} was trained with another config:\n  " + "\n  ".join(diffs)
             + "\nLoad it with the config it records (its preset or JSON), or retrain."
         )
+
+
+def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own weights out of a checkpoint that may also carry training state."""
+    return {k: v for k, v in tensors.items() if not k.startswith(TRAINING_PREFIXES)}
 
 
 def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Any) -> None:

@@ -12,22 +12,16 @@ import os
 
 import torch
 
-from mindhier.checkpoint import CheckpointError, load_checkpoint, load_state_strict, paths_for
+from mindhier.checkpoint import CheckpointError, load_checkpoint, load_state_strict, model_tensors, paths_for
 from mindhier.config import from_dict
 from mindhier.encoder.model import EncoderConfig, HierarchicalFMRIEncoder, VisionShape
 from mindhier.errors import MindhierError
 
 KIND = "encoder"
-TRAINING_PREFIXES = ("optim.", "rng.")
 
 
 class VoxelCountError(MindhierError, ValueError):
     """fMRI data whose voxel count differs from what the encoder was trained on."""
-
-
-def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's own weights out of a checkpoint that may also carry training state."""
-    return {k: v for k, v in tensors.items() if not k.startswith(TRAINING_PREFIXES)}
 
 
 def check_voxels(meta: dict, num_voxels: int, subject: int | None, where: str | os.PathLike) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mindhier.checkpoint import load_checkpoint, load_state_strict, read_metadata
+from mindhier.checkpoint import load_checkpoint, load_state_strict, model_tensors, read_metadata
 from mindhier.config import config_hash, from_dict, to_dict
 from mindhier.vision.base import VisionError, VisionHierarchy, scaled_layer_map
 
@@ -253,11 +253,6 @@ def weights_hash(state: dict[str, torch.Tensor], extra=None) -> str:
     if extra is not None:
         h.update(repr(extra).encode())
     return h.hexdigest()[:16]
-
-
-def model_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A checkpoint's model weights (training checkpoints also hold ``optim.*`` tensors)."""
-    return {k: v for k, v in state.items() if not k.startswith("optim.")}
 
 
 def is_small_clip_checkpoint(path) -> bool:
