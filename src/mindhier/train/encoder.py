@@ -35,11 +35,11 @@ from mindhier.checkpoint import (
     check_config, load_checkpoint, load_state_strict, optimizer_from_tensors, optimizer_to_tensors,
     paths_for, save_checkpoint,
 )
-from mindhier.config import diff_configs, from_dict, get_preset, to_dict
+from mindhier.config import diff_configs, get_preset, to_dict
 from mindhier.data import DataError, SubjectIndex, TestSet, TrainTrials
 from mindhier.data.manifest import data_manifest, diff_manifests
 from mindhier.encoder import (
-    PRESETS, SUPERVISIONS, EncoderConfig, HierarchicalFMRIEncoder, VisionShape, encoder_loss,
+    PRESETS, SUPERVISIONS, HierarchicalFMRIEncoder, VisionShape, encoder_loss,
     flat_cosine, predicted_embedding, top1_retrieval, two_way_identification,
 )
 from mindhier.encoder.io import KIND, check_voxels, model_tensors
