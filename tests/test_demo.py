@@ -70,3 +70,13 @@ def test_stale_released_checkpoint_is_refused_with_retrain_hint(tiny_demo, tmp_p
     ck = {s: folder / s for s in ("vision", "encoder", "tokenizer", "generator")}
     with pytest.raises(DemoError, match="vocab_size.*\n.*--from-scratch|--from-scratch"):
         check_released_against_code(ck, "tiny")
+
+
+def test_without_released_checkpoints_the_demo_stops_after_the_world_and_says_how(tmp_path, capsys):
+    argv = ["demo", "--recipe", "tiny", "--out", str(tmp_path / "run"), "--world", str(tmp_path / "world"),
+            "--checkpoints", str(tmp_path / "none")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "world 'tiny'" in out and "--from-scratch" in out
+    assert (tmp_path / "world" / "world" / "world.json").is_file()
+    assert not (tmp_path / "run" / "report.html").exists()

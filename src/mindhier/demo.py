@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mindhier.checkpoint import paths_for, read_metadata
 from mindhier.errors import MindhierError
+from mindhier.world.cli import print_summary
 
 STAGES = ("vision", "encoder", "tokenizer", "generator")
 
@@ -287,8 +288,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     timer = Timer()
     timer.run("world", ensure_world, world, recipe.world)
+    print_summary(world)
     if args.from_scratch:
         ck = train_stages(world, out / "train", recipe, args.subject, timer)
+    elif not Path(args.checkpoints).exists():
+        say(f"this version ships no released checkpoints ({args.checkpoints} is absent), so the demo stops "
+            "after the world. Train every stage here with `bash scripts/demo.sh --from-scratch` "
+            "(about 45 min on 2 CPU cores); it ends with the same report.")
+        return 0
     else:
         ck = released_checkpoints(Path(args.checkpoints), recipe.world)
         check_same_data(ck["encoder"], world, args.subject)

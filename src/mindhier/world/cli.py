@@ -35,22 +35,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         return _report(args)
-    from mindhier.world.generate import generate_world, read_world_info
+    from mindhier.world.generate import generate_world
 
     cfg = world_preset(args.preset)
     out = args.out if args.out is not None else Path("worlds") / args.preset
     started = time.perf_counter()
     generate_world(cfg, out, seed=args.seed, force=args.force, show_progress=not args.quiet)
+    print_summary(out, time.perf_counter() - started)
+    print(f"next: mindhier world --report {out}")
+    return 0
+
+
+def print_summary(out: Path, seconds: float | None = None) -> None:
+    """What a world holds, one line per subject."""
+    from mindhier.world.generate import read_world_info
+
     info = read_world_info(out)
+    took = f", {seconds:.0f} s" if seconds is not None else ""
     print(f"world '{info['preset']}' (seed {info['seed']}) in {out}: {info['n_images']} images of "
           f"{info['image_size']}x{info['image_size']} ({info['n_train_images']} train, {info['n_test_images']} test), "
-          f"{len(info['categories'])} categories, {time.perf_counter() - started:.0f} s")
+          f"{len(info['categories'])} categories{took}")
     for s in info["subjects"]:
         rois = ", ".join(f"{n} {v}" for n, v in s["roi_voxels"].items())
         print(f"  subj{s['subject']:02d}: {s['voxels']} voxels ({rois}), {s['trials']} trials in "
               f"{s['sessions']} sessions of <= {info['trials_per_session']}, {s['test_trials']} test trials")
-    print(f"next: mindhier world --report {out}")
-    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
