@@ -66,6 +66,9 @@ def test_refuses_to_overwrite_a_run(image_root, tmp_path):
     run_cli(image_root, tmp_path / "run", "--steps", 1)
     with pytest.raises(MindhierError, match="--resume .* or --force"):
         run_cli(image_root, tmp_path / "run", "--steps", 1)
+    assert [r["step"] for r in run_cli(image_root, tmp_path / "run", "--steps", 2, "--force")] == [1, 2]
+    with pytest.raises(MindhierError, match="not found"):
+        run_cli(image_root, tmp_path / "fresh", "--steps", 1, "--resume")
 
 
 def test_dead_code_restart_revives_unused_codes():

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from mindhier.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from mindhier.config import get_preset
 from mindhier.data import DataError, ImageStore, SubjectIndex, layout
+from mindhier.data.manifest import data_manifest, diff_manifests
 from mindhier.errors import MindhierError
 from mindhier.tokenizer import CHECKPOINT_KIND, PRESETS, MultiScaleVQVAE, model_tensors
 from mindhier.train import common
@@ -50,14 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data folder in MindEye2 layout (e.g. worlds/demo)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="tokenizer config preset")
     p.add_argument("--out", default="runs/tokenizer", help="output folder (checkpoints, log, eval)")
-    p.add_argument("--steps", type=int, default=3000, help="total optimiser steps")
-    p.add_argument("--global-batch", type=int, default=32, help="images per step over all processes")
+    p.add_argument("--steps", type=int, default=2400, help="total optimiser steps")
+    p.add_argument("--global-batch", type=int, default=16, help="images per step over all processes")
     p.add_argument("--micro-batch", type=int, default=None, help="max images per forward pass (gradient accumulation above it)")
-    p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (none on biases/norms)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine to 10%% of --lr")
+    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine to 10%% of --lr")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
-    p.add_argument("--usage-window", type=int, default=100, help="steps per codebook-usage window")
+    p.add_argument("--usage-window", type=int, default=25, help="steps per codebook-usage window")
     p.add_argument("--no-restart", action="store_true", help="do not restart dead codes at the end of each window")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--no-bf16", action="store_true", help="keep float32 even where bf16 autocast is supported")
@@ -239,10 +240,15 @@ def save_training_state(out: Path, name: str, model: MultiScaleVQVAE, opt, step:
                     extra={**extra, "step": step, "optimizer": opt_info})
 
 
-def resume_state(out: Path, model: MultiScaleVQVAE, opt, device) -> tuple[int, torch.Tensor]:
+def resume_state(out: Path, model: MultiScaleVQVAE, opt, device, manifest: dict | None) -> tuple[int, torch.Tensor]:
+    """Load OUT/last into model and optimizer; (step, usage-window hits). Warns when the data
+    differ from the data the run started on."""
     tensors, meta = load_checkpoint(out / "last", kind=CHECKPOINT_KIND, config=model.cfg)
     model.load_state_dict(model_tensors(tensors), strict=True)
     optimizer_from_tensors(opt, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer"])
+    if manifest and meta.get("data_manifest"):
+        for line in diff_manifests(meta["data_manifest"], manifest):
+            print(f"train-tokenizer: warning: resuming on other data: {line}")
     return int(meta["step"]), tensors[TRAIN_PREFIX + "window_hits"].to(device)
 
 
@@ -255,6 +261,8 @@ def prepare_out(out: Path, resume: bool, force: bool, create: bool = True) -> No
                             "or --force to start over (its files will be overwritten)")
     if create:
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # --force: a fresh run starts a fresh log
+            (out / "log.jsonl").unlink(missing_ok=True)
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -312,16 +320,16 @@ def _run(args: argparse.Namespace, d) -> int:
     model = MultiScaleVQVAE(cfg).to(d.device)
     opt = common.adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
     window_hits = torch.zeros(len(cfg.scales), cfg.vocab_size, device=d.device)
-    step = 0
+    step, manifest = 0, data_manifest(root)
     if args.resume:
-        step, window_hits = resume_state(out, model, opt, d.device)
+        step, window_hits = resume_state(out, model, opt, d.device, manifest)
         if d.is_main:
             trim_log(out / "log.jsonl", step)
     ddp_model = model
     if d.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
-    extra = {"preset": args.preset, "data": str(root), "data_manifest": _manifest(root),
+    extra = {"preset": args.preset, "data": str(root), "data_manifest": manifest,
              "train_images": int(len(train_idx)), "test_images": int(len(test_idx)),
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
     if d.is_main:
@@ -390,11 +398,3 @@ def _finish(out: Path, model, store, test_idx, device, args, extra: dict) -> Non
 def _log(out: Path, record: dict) -> None:
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _manifest(root: Path) -> dict | None:
-    try:
-        from mindhier.data.manifest import data_manifest
-    except ImportError:  # older data package
-        return None
-    return data_manifest(root)
