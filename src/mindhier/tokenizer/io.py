@@ -13,19 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mindhier.checkpoint import CheckpointError, load_checkpoint, load_state_strict
+from mindhier.checkpoint import CheckpointError, load_checkpoint, load_state_strict, model_tensors
 from mindhier.config import from_dict
 from mindhier.tokenizer.config import VQVAEConfig
 from mindhier.tokenizer.model import MultiScaleVQVAE
 
 CHECKPOINT_KIND = "tokenizer"
-# Keys a training checkpoint carries besides the model (optimizer and loop state for --resume).
-NON_MODEL_PREFIXES = ("optim.", "train.")
-
-
-def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's part of a checkpoint (drops optimizer state)."""
-    return {k: v for k, v in tensors.items() if not k.startswith(NON_MODEL_PREFIXES)}
 
 
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
