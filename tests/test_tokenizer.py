@@ -210,3 +210,22 @@ def test_real_weights_from_pth_and_safetensors(tmp_path, tiny):
     save_file(state, str(tmp_path / "partial.safetensors"))
     with pytest.raises(CheckpointError, match="missing keys: quantize.embedding.weight"):
         load_vqvae_state_dict(MultiScaleVQVAE(tiny.cfg), tmp_path / "partial.safetensors")
+
+
+def test_import_tokenizer_writes_a_checkpoint_that_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    from mindhier import cli
+    from mindhier.tokenizer import PRESETS, MultiScaleVQVAE, load_tokenizer
+
+    torch.manual_seed(0)
+    source = MultiScaleVQVAE(PRESETS["tiny"])
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    argv = ["import-tokenizer", "--weights", str(tmp_path / "vae.safetensors"), "--preset", "tiny",
+            "--out", str(tmp_path / "tok")]
+    assert cli.main(argv) == 0
+    loaded = load_tokenizer(tmp_path / "tok" / "tokenizer")
+    for k, v in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert cli.main(argv) == 2  # refuses to overwrite
+    assert cli.main(argv[:4] + ["demo", "--out", str(tmp_path / "tok2")]) == 2  # wrong architecture: named keys

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-vision": ("mindhier.train.vision", "train the in-project small CLIP on a world's image-caption pairs"),
     "train-encoder": ("mindhier.train.encoder", "stage 1: train the hierarchical fMRI encoder"),
     "train-tokenizer": ("mindhier.train.tokenizer", "train the multi-scale residual VQ-VAE"),
+    "import-tokenizer": ("mindhier.tokenizer.cli", "turn released VAR/Switti VQ-VAE weights into a mindhier checkpoint"),
     "train-generator": ("mindhier.train.generator", "stage 2: train the scale-aware generator"),
     "reconstruct": ("mindhier.reconstruct", "reconstruct test images from fMRI"),
     "evaluate": ("mindhier.evaluate", "score reconstructions against their stimuli (MindEye2 metrics)"),
