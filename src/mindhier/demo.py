@@ -47,17 +47,20 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "demo": Recipe(
         world="demo",
-        vision=("--preset", "demo", "--epochs", "6", "--global-batch", "64", "--lr", "1e-3"),
-        encoder=("--preset", "demo", "--epochs", "20", "--global-batch", "64", "--lr", "3e-4"),
-        tokenizer=("--preset", "demo", "--steps", "2000", "--global-batch", "32"),
-        generator=("--preset", "demo", "--steps", "3000", "--global-batch", "32", "--lr", "3e-4"),
+        vision=("--preset", "demo", "--epochs", "3", "--global-batch", "64", "--lr", "1e-3"),
+        encoder=("--preset", "demo", "--epochs", "6", "--global-batch", "64", "--lr", "5e-4"),
+        tokenizer=("--preset", "demo", "--steps", "1000", "--global-batch", "16", "--lr", "2e-3"),
+        generator=("--preset", "demo", "--steps", "700", "--global-batch", "32", "--lr", "1e-3",
+                   "--warmup", "50"),
+        reconstruct=("--candidates", "2", "--limit", "100"),
     ),
     "tiny": Recipe(
         world="tiny",
         vision=("--preset", "tiny", "--epochs", "2", "--global-batch", "32"),
         encoder=("--preset", "tiny", "--epochs", "2", "--global-batch", "32", "--lr", "1e-3"),
         tokenizer=("--preset", "tiny", "--steps", "30", "--global-batch", "16"),
-        generator=("--preset", "tiny", "--steps", "30", "--global-batch", "16", "--lr", "1e-3"),
+        generator=("--preset", "tiny", "--steps", "30", "--global-batch", "16", "--lr", "1e-3",
+                   "--warmup", "5"),
         reconstruct=("--candidates", "2", "--top-k", "0"),
         report_images=8,
         strips=2,
@@ -304,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
             "--encoder", str(ck["encoder"]), "--tokenizer", str(ck["tokenizer"]),
             "--generator", str(ck["generator"]), "--vision", str(ck["vision"]),
             "--out", str(recon_dir), "--force", "--device", args.device, *recipe.reconstruct]
-    if args.limit:
+    if args.limit:  # overrides the recipe's
+        argv = [a for i, a in enumerate(argv) if not (a == "--limit" or argv[i - 1] == "--limit")]
         argv += ["--limit", str(args.limit)]
     timer.run("reconstruct", run_command, argv)
     report = evaluate_and_report(world, args.subject, ck, recon_dir, out, recipe, timer, device=args.device)
