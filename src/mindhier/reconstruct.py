@@ -25,11 +25,8 @@ OUT/settings.json               checkpoints, split, averaging policy, sampling s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +35,7 @@ from mindhier.checkpoint import load_checkpoint, load_state_strict, paths_for
 from mindhier.config import from_dict
 from mindhier.errors import MindhierError
 from mindhier.generator import GeneratorConfig, ScaleAwareGenerator
+from mindhier.runtime import autocast, bf16_is_fast, distributed_session
 from mindhier.sampling import Reconstructions, SamplingSettings, reconstruct
 
 GENERATOR_KIND = "generator"
@@ -143,67 +141,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    d = _Dist.join(args.device)
-    try:
+    with distributed_session(args.device) as d:
         _run(args, d)
-    finally:
-        d.leave()
     return 0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Dist:
-    """The few process-group facts this command needs. (The library never imports
-    ``mindhier.train``, whose ``distributed`` module the training commands use; this mirrors it.)"""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def join(cls, device: str) -> "_Dist":
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(dev)
-        if world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        return cls(rank, world, dev)
-
-    def leave(self) -> None:
-        # gloo can abort at interpreter teardown after destroy_process_group (SPEC §7): exit hard.
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """CUDA with bf16, or a CPU with native bf16 (avx512_bf16/AMX); fp16 is never used."""
-    return (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and _cpu_has_bf16())
-
-
-def bf16_autocast(device: torch.device, enabled: bool = True):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled and bf16_is_fast(device) else contextlib.nullcontext()
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _load_stack(args, device):
@@ -257,7 +197,7 @@ def _run(args, d) -> None:
     for rows in tqdm(batches, desc="reconstruct", disable=not d.is_main, dynamic_ncols=True):
         voxels = torch.stack([test[i]["voxels"] for i in rows]).to(device)
         ids = [int(test.image_indices[i]) for i in rows]
-        with bf16_autocast(device, enabled=args.precision != "fp32"):
+        with autocast(device, enabled=args.precision != "fp32"):
             cond, null, predicted = encode_conditions(encoder, generator, voxels)
             rec = reconstruct(generator, tokenizer, cond, null, settings, ids, predicted=predicted,
                               embed_images=embed, return_cumulative=any(i < args.coarse_to_fine for i in rows))

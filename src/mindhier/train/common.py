@@ -3,7 +3,6 @@ progress bar, seeding."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 
@@ -12,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mindhier.errors import MindhierError
+from mindhier.runtime import autocast, cpu_has_fast_bf16  # noqa: F401  (re-exported for the loops)
 
 
 def seed_everything(seed: int) -> None:
@@ -44,27 +44,6 @@ def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_ratio:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast where it pays: CUDA with bf16 support, or a CPU with AVX-512 bf16.
-    fp16 is never used on CPU (≈1 GFLOP/s here, SPEC §8)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class NonFiniteLoss(MindhierError, RuntimeError):

@@ -7,55 +7,11 @@ accumulation are derived from it and asserted (SPEC §7).
 
 from __future__ import annotations
 
-import os
-import sys
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: str = "auto") -> Dist:
-    """Join the process group torchrun prepared (gloo on CPU, nccl on CUDA), or run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
-
-
-def shutdown(d: Dist) -> None:
-    """Leave the process group. Under gloo, interpreter teardown can abort after
-    destroy_process_group (SPEC §7), so worker processes flush and exit hard."""
-    if d.enabled and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+# Joining and leaving the process group is shared with the library's own commands.
+from mindhier.runtime import Dist, distributed_session, init_distributed, shutdown  # noqa: F401
 
 
 def split_global_batch(global_batch: int, world_size: int, max_per_rank: int | None = None) -> tuple[int, int]:

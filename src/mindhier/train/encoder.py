@@ -48,7 +48,7 @@ from mindhier.encoder.targets import (
 )
 from mindhier.errors import MindhierError
 from mindhier.train import common
-from mindhier.train.distributed import Dist, all_reduce_mean, init_distributed, shutdown, split_global_batch
+from mindhier.train.distributed import Dist, all_reduce_mean, distributed_session, split_global_batch
 
 CHECKPOINT = "encoder"
 IN_MEMORY_LIMIT = 2 * 2**30  # read the whole target cache into RAM below this file size
@@ -118,9 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    d = init_distributed(args.device)
-    Trainer(args, d).fit()
-    shutdown(d)  # on an error we never get here: the exception ends the process non-zero
+    with distributed_session(args.device) as d:
+        Trainer(args, d).fit()
     return 0
 
 

@@ -50,7 +50,7 @@ from mindhier.reconstruct import (
 from mindhier.sampling import SamplingSettings, reconstruct
 from mindhier.tokenizer import load_tokenizer
 from mindhier.train import common
-from mindhier.train.distributed import Dist, all_reduce_mean, init_distributed, shutdown, split_global_batch
+from mindhier.train.distributed import Dist, all_reduce_mean, distributed_session, split_global_batch
 
 CHECKPOINT = "generator"
 
@@ -111,11 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    d = init_distributed(args.device)
-    try:
+    with distributed_session(args.device) as d:
         Trainer(args, d).fit()
-    finally:
-        shutdown(d)
     return 0
 
 

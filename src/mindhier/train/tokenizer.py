@@ -37,7 +37,7 @@ from mindhier.data.manifest import data_manifest, diff_manifests
 from mindhier.errors import MindhierError
 from mindhier.tokenizer import CHECKPOINT_KIND, PRESETS, MultiScaleVQVAE, model_tensors
 from mindhier.train import common
-from mindhier.train.distributed import all_reduce_mean, init_distributed, shutdown, split_global_batch
+from mindhier.train.distributed import all_reduce_mean, distributed_session, split_global_batch
 
 TRAIN_PREFIX = "train."  # non-model, non-optimizer tensors of a training checkpoint
 
@@ -298,11 +298,8 @@ def train_step(model, ddp_model, opt, batches, args, device, want_residuals: boo
 
 
 def run(args: argparse.Namespace) -> int:
-    d = init_distributed(args.device)
-    try:
+    with distributed_session(args.device) as d:
         return _run(args, d)
-    finally:
-        shutdown(d)
 
 
 def _run(args: argparse.Namespace, d) -> int:

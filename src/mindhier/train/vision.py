@@ -37,7 +37,7 @@ from mindhier.data import layout
 from mindhier.data.manifest import data_manifest
 from mindhier.errors import MindhierError
 from mindhier.train import common
-from mindhier.train.distributed import Dist, all_reduce_mean, init_distributed, shutdown, split_global_batch
+from mindhier.train.distributed import Dist, all_reduce_mean, distributed_session, split_global_batch
 from mindhier.vision.small_clip import (CHECKPOINT_NAME, PRESETS, SmallClip, SmallClipModel, WordTokenizer,
                                         build_vocab, model_tensors, normalise_images, resolve_config,
                                         save_small_clip)
@@ -208,12 +208,8 @@ def retrieval(clip: SmallClip, store: ImageStore, captions: np.ndarray, indices:
 
 # ---------------------------------------------------------------------------- training
 def run(args) -> int:
-    d = init_distributed(args.device)
-    try:
-        result = train(args, d)
-    finally:
-        shutdown(d)
-    return result
+    with distributed_session(args.device) as d:
+        return train(args, d)
 
 
 def prepare_out(out: Path, resume: bool, force: bool) -> Path | None:
