@@ -59,6 +59,27 @@ def test_from_scratch_rerun_reuses_finished_stages(tiny_demo, capsys):
     assert capsys.readouterr().out.count("reusing") == 4
 
 
+def test_a_changed_upstream_checkpoint_retrains_what_depends_on_it(tiny_demo, tmp_path, capsys):
+    import shutil
+
+    from mindhier.demo import Timer, train_stages
+
+    runs = tmp_path / "train"
+    shutil.copytree(tiny_demo / "run" / "train", runs)
+    for marker in runs.glob("*/demo_stage.json"):  # the copy's commands name the copy's folders
+        marker.write_text(marker.read_text().replace(str(tiny_demo / "run" / "train"), str(runs)))
+    meta_path = runs / "vision" / "vision.json"
+    meta = json.loads(meta_path.read_text())
+    meta["created"] = "another time"  # as if vision had been retrained since
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    train_stages(tiny_demo / "world", runs, RECIPES["tiny"], 1, Timer())
+    out = capsys.readouterr().out
+    assert "vision: reusing" in out and "tokenizer: reusing" in out
+    assert "encoder: " in out and "encoder: reusing" not in out
+    assert "generator: reusing" not in out
+
+
 def test_stale_released_checkpoint_is_refused_with_retrain_hint(tiny_demo, tmp_path):
     import shutil
 

@@ -16,16 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from mindhier.checkpoint import paths_for, read_metadata
 from mindhier.errors import MindhierError
 from mindhier.world.cli import print_summary
 
 STAGES = ("vision", "encoder", "tokenizer", "generator")
+# A stage is retrained whenever a checkpoint it was trained on changed.
+DEPENDS_ON = {"vision": (), "encoder": ("vision",), "tokenizer": (), "generator": ("encoder", "tokenizer")}
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,9 @@ def stage_checkpoint(run_dir: Path, stage: str) -> Path:
 
 
 def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: Timer) -> dict[str, Path]:
-    """Train every stage, or reuse it: a stage whose folder holds a ``demo_stage.json`` written
-    after the same command finished is reused; an interrupted one is resumed."""
+    """Train every stage, or reuse it: a stage whose ``demo_stage.json`` (written when its
+    command finished) records the same command and the same upstream checkpoints is reused; an
+    interrupted one is resumed; anything else is retrained from scratch."""
     ck = {s: stage_checkpoint(runs, s) for s in STAGES}
     data = ["--data", str(world)]
     commands = {
@@ -140,17 +146,20 @@ def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: T
     for stage in STAGES:
         marker = ck[stage].parent / "demo_stage.json"
         done = json.loads(marker.read_text()) if marker.exists() else None
-        if done and done.get("command") == commands[stage]:
-            say(f"{stage}: reusing {ck[stage]} (trained by the same command; delete the folder to retrain)")
+        inputs = {dep: read_metadata(ck[dep]).get("created") for dep in DEPENDS_ON[stage]}
+        if done and done.get("command") == commands[stage] and done.get("inputs", {}) == inputs:
+            say(f"{stage}: reusing {ck[stage]} (trained by the same command on the same inputs; "
+                "delete the folder to retrain)")
             timer.seconds[f"train {stage}"] = done.get("seconds", 0.0)
             continue
         if done:
-            raise DemoError(f"{ck[stage].parent} was trained by another command than this recipe's; "
-                            f"delete that folder or pass another --out")
+            say(f"{stage}: {ck[stage].parent} was trained by another command or on other inputs; retraining")
+            shutil.rmtree(ck[stage].parent)
         resume = ["--resume"] if paths_for(ck[stage])[1].exists() else []
         start = time.perf_counter()
         timer.run(f"train {stage}", run_command, commands[stage] + resume)
-        marker.write_text(json.dumps({"command": commands[stage], "seconds": time.perf_counter() - start}))
+        marker.write_text(json.dumps({"command": commands[stage], "inputs": inputs,
+                                      "seconds": time.perf_counter() - start}))
     return ck
 
 
@@ -234,33 +243,57 @@ def check_same_data(encoder_ckpt: Path, world: Path, subject: int) -> None:
                         "or retrain with --from-scratch.")
 
 
-def release(ck: dict[str, Path], folder: Path, timings: dict[str, float], metrics: dict) -> None:
-    """Copy the trained weights (model tensors only) and write a model card for each."""
+RELEASE_DTYPE = torch.bfloat16  # halves the committed size (≤ 50 MB in all); loaders upcast on load
+
+
+def release(ck: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """Copy the trained weights (model tensors only, stored in bf16) with their metadata.
+
+    The demo then reconstructs and evaluates with these released files, so the metrics written
+    into the model cards are those of exactly the weights a user downloads."""
     from safetensors.torch import load_file, save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from mindhier.checkpoint import model_tensors
+
+    if folder.exists():
+        shutil.rmtree(folder)  # replace the whole release: no stale stage survives
+    folder.mkdir(parents=True)
+    released = {}
     for stage, path in ck.items():
         weights, meta_path = paths_for(path)
-        tensors = {k: v for k, v in load_file(str(weights)).items() if not k.startswith(("optim.", "rng."))}
+        tensors = {k: v.to(RELEASE_DTYPE) if v.is_floating_point() else v
+                   for k, v in model_tensors(load_file(str(weights))).items()}
         meta = json.loads(meta_path.read_text())
         meta.pop("optimizer", None)
+        meta["released"] = {"dtype": str(RELEASE_DTYPE).replace("torch.", ""), "from": str(path)}
         save_file(tensors, str(folder / f"{stage}.safetensors"), metadata={"kind": meta["kind"]})
         (folder / f"{stage}.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        (folder / f"{stage}.md").write_text(model_card(stage, meta, timings.get(f"train {stage}"), metrics))
+        released[stage] = folder / stage
     say(f"released checkpoints written to {folder}")
+    return released
 
 
-def model_card(stage: str, meta: dict, seconds: float | None, metrics: dict) -> str:
+def write_model_cards(ck: dict[str, Path], timings: dict[str, float], metrics: dict, recipe_name: str) -> None:
+    for stage, path in ck.items():
+        meta = read_metadata(path)
+        card = model_card(stage, meta, timings.get(f"train {stage}"), metrics, recipe_name)
+        paths_for(path)[0].with_suffix(".md").write_text(card)
+    (ck["generator"].parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def model_card(stage: str, meta: dict, seconds: float | None, metrics: dict, recipe_name: str) -> str:
     manifest = meta.get("data_manifest", {})
     lines = [f"# mindhier demo checkpoint: {stage}", "",
+             f"Trained by `mindhier demo --from-scratch --recipe {recipe_name}` (see `mindhier.demo.RECIPES`).", "",
              f"- kind: `{meta.get('kind')}`",
              f"- config hash: `{meta.get('config_hash')}`",
              f"- git commit: `{meta.get('git_commit')}`",
-             f"- data: synthetic world {manifest.get('world')}",
-             f"- training time: {seconds:.0f} s on this machine" if seconds else "- training time: (reused)",
-             "", "## Config", "", "```json", json.dumps(meta.get("config"), indent=1), "```", ""]
-    if stage in metrics:
-        lines += ["## Held-out metrics", "", "```json", json.dumps(metrics[stage], indent=1), "```", ""]
+             f"- data: synthetic world {json.dumps(manifest.get('world'))}, subjects {manifest.get('subjects')}",
+             f"- weights stored as {meta.get('released', {}).get('dtype', 'float32')}",
+             f"- training time: {seconds:.0f} s on 2 CPU cores" if seconds else "- training time: not recorded",
+             "", "## Config", "", "```json", json.dumps(meta.get("config"), indent=1, sort_keys=True), "```", "",
+             "## Held-out metrics of the whole pipeline with these released weights", "",
+             "```json", json.dumps(metrics, indent=1), "```", ""]
     return "\n".join(lines)
 
 
@@ -292,8 +325,12 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
     timer.run("world", ensure_world, world, recipe.world)
     print_summary(world)
+    if args.release and not args.from_scratch:
+        raise DemoError("--release needs --from-scratch (it publishes freshly trained weights)")
     if args.from_scratch:
         ck = train_stages(world, out / "train", recipe, args.subject, timer)
+        if args.release:
+            ck = release(ck, Path(args.checkpoints))
     elif not Path(args.checkpoints).exists():
         say(f"this version ships no released checkpoints ({args.checkpoints} is absent), so the demo stops "
             "after the world. Train every stage here with `bash scripts/demo.sh --from-scratch` "
@@ -313,9 +350,7 @@ def run(args: argparse.Namespace) -> int:
     timer.run("reconstruct", run_command, argv)
     report = evaluate_and_report(world, args.subject, ck, recon_dir, out, recipe, timer, device=args.device)
     if args.release:
-        if not args.from_scratch:
-            raise DemoError("--release needs --from-scratch (it publishes freshly trained weights)")
-        release(ck, Path(args.checkpoints), timer.seconds, report["metrics"])
+        write_model_cards(ck, timer.seconds, report["metrics"], args.recipe)
     say(f"report: {out / 'report.html'} (also report.md)")
     return 0
 
