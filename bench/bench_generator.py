@@ -16,7 +16,6 @@ bf16 matmul peak measured in the same run. Timings are wall-clock medians of --r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
