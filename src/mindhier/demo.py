@@ -47,8 +47,9 @@ class Recipe:
     strips: int = 4
 
 
-# Sized so that --from-scratch fits in well under an hour on 2 CPU cores (timings in the
-# released model cards); `tiny` is what the test suite runs end to end.
+# `demo` is sized for 2 CPU cores: measured on an idle 2-core machine, --from-scratch took
+# 1380 s in all (world 38 s, vision 72 s, encoder 278 s, tokenizer 141 s, generator 754 s,
+# reconstruct + ceiling/floor + evaluation 93 s). `tiny` is what the test suite runs end to end.
 RECIPES: dict[str, Recipe] = {
     "demo": Recipe(
         world="demo",
@@ -173,7 +174,7 @@ def released_checkpoints(folder: Path, preset: str = "demo") -> dict[str, Path]:
     missing = [s for s, p in ck.items() if not all(x.exists() for x in paths_for(p))]
     if missing:
         raise DemoError(f"released checkpoints missing in {folder}: {', '.join(missing)}. "
-                        "Train them with `mindhier demo --from-scratch` (about 45 min on 2 CPU cores).")
+                        "Train them with `mindhier demo --from-scratch` (about 25 min on 2 idle CPU cores).")
     check_released_against_code(ck, preset)
     return ck
 
@@ -209,7 +210,7 @@ def check_released_against_code(ck: dict[str, Path], preset: str = "demo") -> No
     if problems:
         raise DemoError("the released checkpoints were trained with other configs than this code's "
                         f"`{preset}` presets:\n  " + "\n  ".join(problems)
-                        + "\nRetrain them: `mindhier demo --from-scratch --release` (about 45 min on 2 cores).")
+                        + "\nRetrain them: `mindhier demo --from-scratch --release` (about 25 min on 2 idle cores).")
     load_all(ck)
 
 
@@ -334,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     elif not Path(args.checkpoints).exists():
         say(f"this version ships no released checkpoints ({args.checkpoints} is absent), so the demo stops "
             "after the world. Train every stage here with `bash scripts/demo.sh --from-scratch` "
-            "(about 45 min on 2 CPU cores); it ends with the same report.")
+            "(about 25 min on 2 idle CPU cores); it ends with the same report.")
         return 0
     else:
         ck = released_checkpoints(Path(args.checkpoints), recipe.world)
