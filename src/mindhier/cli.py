@@ -28,6 +28,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's --help: its module doc as written, then each flag with its real default
+    (not the None of optional flags, nor the False of switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mindhier",
@@ -59,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     cmd = argparse.ArgumentParser(prog=f"mindhier {name}", description=getattr(module, "__doc__", None) or help_text,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  formatter_class=HelpFormatter)
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
     try:

@@ -303,7 +303,6 @@ def model_card(stage: str, meta: dict, seconds: float | None, metrics: dict, rec
 # ---------------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--out", default="runs/demo", help="where reconstructions, metrics and report.html go")
     p.add_argument("--world", default=None, help="world folder (default: worlds/<recipe>)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="demo", help="demo size")

@@ -111,12 +111,9 @@ def encode_conditions(encoder, generator: ScaleAwareGenerator, voxels: torch.Ten
 # The command
 # ---------------------------------------------------------------------------------------------
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, module doc kept as written."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = _HelpFormatter
     p.add_argument("--data", required=True, help="data folder in MindEye2 layout (a world or prepared NSD)")
     p.add_argument("--subject", type=int, default=1, help="NSD subject number (must be the encoder's)")
     p.add_argument("--encoder", required=True, help="train-encoder checkpoint (OUT/encoder)")

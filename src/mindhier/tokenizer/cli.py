@@ -35,7 +35,7 @@ def import_weights(weights: str | Path, preset: str, out: str | Path, force: boo
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="VAR/Switti VQ-VAE weights (.safetensors, or .pth)")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                   help="architecture + scale schedule the weights belong to (default: paper, 512 px)")
+                   help="architecture + scale schedule the weights belong to (paper: 512 px)")
     p.add_argument("--out", required=True, help="output folder (writes OUT/tokenizer.safetensors + .json)")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT/tokenizer checkpoint")
 

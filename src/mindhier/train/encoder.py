@@ -73,18 +73,9 @@ class TrainSettings:
     precision: str
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Module doc kept as written; real defaults shown (not the None of required/optional flags)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = _HelpFormatter
     p.add_argument("--data", required=True, help="data folder in MindEye2 layout (a world or prepared NSD)")
     p.add_argument("--subject", type=int, default=1, help="NSD subject number")
     p.add_argument("--sessions", default=None,

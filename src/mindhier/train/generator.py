@@ -70,12 +70,9 @@ class TrainSettings:
     precision: str
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, module doc kept as written."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = _HelpFormatter
     p.add_argument("--data", required=True, help="data folder in MindEye2 layout (a world or prepared NSD)")
     p.add_argument("--subject", type=int, default=1, help="NSD subject number (the encoder's)")
     p.add_argument("--encoder", required=True, help="frozen stage-1 encoder: a train-encoder checkpoint")

@@ -42,12 +42,9 @@ from mindhier.train.distributed import all_reduce_mean, distributed_session, spl
 TRAIN_PREFIX = "train."  # non-model, non-optimizer tensors of a training checkpoint
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the module docstring's layout and shows every default."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = _HelpFormatter
     p.add_argument("--data", required=True, help="data folder in MindEye2 layout (e.g. worlds/demo)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="tokenizer config preset")
     p.add_argument("--out", default="runs/tokenizer", help="output folder (checkpoints, log, eval)")

@@ -21,7 +21,7 @@ from mindhier.world.config import PRESETS, world_preset
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                        help="world size: tiny (CI, seconds), demo (~1-2 min), large (NSD-sized design) (default: demo)")
+                        help="world size: tiny (CI, seconds), demo (~1-2 min), large (NSD-sized design)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: worlds/PRESET)")
     parser.add_argument("--seed", type=int, default=None, help="world seed (default: the preset's, 0)")
     parser.add_argument("--force", action="store_true", help="replace the world files in a non-empty --out (other files there are kept)")
