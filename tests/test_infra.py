@@ -19,6 +19,7 @@ def test_help_lists_every_command(capsys):
 def test_split_global_batch():
     assert split_global_batch(64, 2) == (32, 1)
     assert split_global_batch(64, 2, max_per_rank=8) == (8, 4)
+    assert split_global_batch(96, 2, max_per_rank=20) == (16, 3)  # any exact divisor, not only powers of 2
     with pytest.raises(ValueError, match="not divisible"):
         split_global_batch(63, 2)
 

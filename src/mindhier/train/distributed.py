@@ -21,16 +21,13 @@ def split_global_batch(global_batch: int, world_size: int, max_per_rank: int | N
             f"global batch {global_batch} is not divisible by the {world_size} processes; "
             f"pick a multiple of {world_size}"
         )
-    per_rank = global_batch // world_size
-    accum = 1
+    per_rank, accum = global_batch // world_size, 1
     if max_per_rank is not None:
-        while per_rank > max_per_rank or (per_rank % 1):
-            accum *= 2
-            if (global_batch // world_size) % accum:
-                raise ValueError(
-                    f"cannot split per-rank batch {global_batch // world_size} into micro "
-                    f"batches of at most {max_per_rank}; choose a power-of-two multiple"
-                )
+        # Smallest accumulation that fits the memory cap and divides the per-rank batch exactly.
+        while per_rank > max_per_rank:
+            accum += 1
+            while (global_batch // world_size) % accum:
+                accum += 1
             per_rank = global_batch // world_size // accum
     assert per_rank * accum * world_size == global_batch
     return per_rank, accum
