@@ -132,7 +132,8 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
     if single_path.exists():
         rows["MindHier, single-shot"] = load_file(str(single_path))["recons"]
     n_cand = settings_json.get("sampling", {}).get("num_candidates", 1)
-    rows[f"MindHier, best-of-{n_cand}" if n_cand > 1 else "MindHier, single-shot"] = primary["recons"]
+    main_name = f"MindHier, best-of-{n_cand}" if n_cand > 1 else "MindHier, single-shot"
+    rows[main_name] = primary["recons"]
     tokenizer = load_tokenizer(ck["tokenizer"], device=dev)
     rows["Ceiling: generator on true vision features"] = timer.run(
         "ceiling (true features)", true_feature_ceiling, ck, world, subject, gts, image_index, settings_json, dev)
@@ -146,7 +147,6 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
         result = timer.run("evaluate", evaluate_reconstructions, recons.float(), gts, metrics=metrics, device=dev)
         scored[name] = result["values"]
     n_show = min(recipe.report_images, len(gts))
-    main_name = list(rows)[1] if len(rows) > 4 else list(rows)[0]
     strips = _strips(recon_dir, image_index, recipe.strips)
     settings = {
         "data": f"synthetic world `{world}` (recipe {recipe.world}), subject {subject:02d}",
