@@ -157,7 +157,34 @@ def _check_indices(rows: np.ndarray, n: int, path: Path, what: str) -> np.ndarra
 # ----------------------------------------------------------------------------- betas
 
 
-class BetasFile:
+class _PerProcessFile:
+    """An HDF5 file opened lazily, once per process: h5py handles must not cross a fork, so a
+    copy sent to a DataLoader worker (pickled without the handle) reopens its own."""
+
+    _file: h5py.File | None = None
+    _pid: int | None = None
+
+    def _handle(self, what: str) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = _open_hdf5(self.path, what), os.getpid()
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+
+class BetasFile(_PerProcessFile):
     """``betas_all_subjXX_fp32_renorm.hdf5``: (trials, voxels) float32 z-scored betas.
 
     Opened lazily and reopened after a fork, so one object can be handed to DataLoader
@@ -194,9 +221,8 @@ class BetasFile:
                 "or retrain for this data.")
 
     def _ds(self) -> h5py.Dataset:
-        if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = _open_hdf5(self.path, f"betas file of subject {self.subject}"), os.getpid()
-        return _dataset(self._file, self.path, layout.BETAS_DATASET)
+        file = self._handle(f"betas file of subject {self.subject}")
+        return _dataset(file, self.path, layout.BETAS_DATASET)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Betas of the given trial rows (any order, duplicates allowed) as float32 (n, V)."""
@@ -219,20 +245,6 @@ class BetasFile:
                 "the brain and its z-scoring guards zero variance) or mask out the non-finite voxels."
             )
 
-    def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
-
-    def __enter__(self) -> "BetasFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __getstate__(self):
-        return {**self.__dict__, "_file": None, "_pid": None}
-
     def __repr__(self) -> str:
         return f"BetasFile({str(self.path)!r}, trials={self.num_trials}, voxels={self.num_voxels})"
 
@@ -242,7 +254,7 @@ class BetasFile:
 RANGE_TOLERANCE = 1e-3  # float16 rounding of 1.0 and resampling overshoot stay inside this
 
 
-class ImageStore:
+class ImageStore(_PerProcessFile):
     """Stimulus images as float32 (n, 3, H, W) in [0, 1], from ``coco_images_224_float16.hdf5``
     (dataset "images", preferred) or the folder ``images/image_XXXXXX.png``."""
 
@@ -291,9 +303,7 @@ class ImageStore:
             self.image_size = (im.height, im.width)
 
     def _ds(self) -> h5py.Dataset:
-        if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = _open_hdf5(self.path, "image file"), os.getpid()
-        return _dataset(self._file, self.path, layout.IMAGES_DATASET)
+        return _dataset(self._handle("image file"), self.path, layout.IMAGES_DATASET)
 
     def get(self, indices) -> np.ndarray:
         """Images ``indices`` (COCO-73k / world image indices) as float32 (n, 3, H, W) in [0, 1]."""
@@ -319,20 +329,6 @@ class ImageStore:
                 raise DataError(f"{p}: image is {arr.shape[:2]}, the others are {self.image_size}; all images must share one size.")
             out[i] = arr.transpose(2, 0, 1)
         return out
-
-    def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
-
-    def __enter__(self) -> "ImageStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __getstate__(self):
-        return {**self.__dict__, "_file": None, "_pid": None}
 
     def __repr__(self) -> str:
         return f"ImageStore({str(self.path)!r}, n={self.num_images}, size={self.image_size})"
