@@ -37,6 +37,13 @@ def test_report_files_and_metrics_in_range(tiny_demo):
             assert low <= v <= high, (name, key, v)
     assert set(report["timings"]) >= {"world", "train vision", "train encoder", "train tokenizer",
                                        "train generator", "reconstruct"}
+    shown = report["attributes"]
+    assert {"Stimuli themselves (probe ceiling)", "Majority class (constant guess)"} <= set(shown)
+    assert set(rows) <= set(shown)
+    for name, rates in shown.items():
+        assert set(rates) == {"main_category", "main_colour", "background_kind", "background_colour", "colours_both"}
+        assert all(0.0 <= v <= 1.0 for v in rates.values()), name
+    assert "What the reconstructions show" in (run / "report.md").read_text()
 
 
 def test_release_writes_model_cards_and_default_demo_uses_them(tiny_demo):
@@ -49,6 +56,18 @@ def test_release_writes_model_cards_and_default_demo_uses_them(tiny_demo):
             str(tiny_demo / "world"), "--checkpoints", str(released)]
     assert cli.main(argv) == 0
     assert (tiny_demo / "again" / "report.html").is_file()
+
+
+def test_released_regression_subset_reproduces_its_recorded_metrics(tiny_demo, tmp_path):
+    from mindhier.demo import REGRESSION_TOLERANCE, regression_metrics, released_checkpoints
+
+    recorded = json.loads((tiny_demo / "released" / "metrics.json").read_text())["regression"]
+    assert len(recorded["images"]) == min(16, 20) and math.isfinite(recorded["pixcorr"])
+    ck = released_checkpoints(tiny_demo / "released", "tiny")
+    again = regression_metrics(tiny_demo / "world", 1, ck, tmp_path / "regression", RECIPES["tiny"])
+    assert again["images"] == recorded["images"]
+    assert abs(again["pixcorr"] - recorded["pixcorr"]) <= REGRESSION_TOLERANCE
+    assert abs(again["ssim"] - recorded["ssim"]) <= REGRESSION_TOLERANCE
 
 
 def test_from_scratch_rerun_reuses_finished_stages(tiny_demo, capsys):

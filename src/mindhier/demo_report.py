@@ -28,6 +28,22 @@ METRIC_COLUMNS = [
     ("lite0_dist", "EffLite0 dist ↓", "float"),
 ]
 
+ATTRIBUTE_COLUMNS = [
+    ("main_category", "main object's shape", "percent"),
+    ("main_colour", "main object's colour", "percent"),
+    ("background_kind", "background pattern", "percent"),
+    ("background_colour", "background colour", "percent"),
+    ("colours_both", "both colours", "percent"),
+]
+PROBE_TRAIN_IMAGES = 1000
+ATTRIBUTE_INTRO = (
+    "What a reconstruction shows, in the world's own terms: the share of test images whose attribute, "
+    "read from the reconstruction by a linear probe, is the stimulus's true one. The probes (ridge on "
+    "EfficientNet-Lite0 features, the small CLIP's embedding and 4×4 pixel block means) are fitted on "
+    "training stimuli and their tokenizer reconstructions, never on test images (`mindhier.world.attributes`). The stimuli row is "
+    "what a perfect reconstruction scores; the majority row what a constant guess scores."
+)
+
 
 def load_test_images(world: Path, subject: int, image_index: np.ndarray) -> torch.Tensor:
     from mindhier.data import ImageStore
@@ -81,6 +97,38 @@ def true_feature_ceiling(ck: dict, world: Path, subject: int, images01: torch.Te
                           [int(i) for i in image_index[sl]])
         out.append(rec.single_shot.float().cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def attribute_rates(world: Path, subject: int, rows: dict, gts: torch.Tensor, image_index: np.ndarray,
+                    tokenizer, vision, device: torch.device) -> list[tuple[str, dict]]:
+    """Per row, the share of test images whose probed attributes match the stimulus's.
+
+    The probes are fitted on (at most) PROBE_TRAIN_IMAGES training stimuli and their tokenizer
+    reconstructions: enough for stable probes, and it keeps the default demo within minutes."""
+    from mindhier.data import ImageStore, SubjectIndex
+    from mindhier.metrics.nets import Lite0Pooled, load_effnet_lite0
+    from mindhier.world import attributes
+
+    train_ids = np.unique(SubjectIndex(world, subject).train.image)
+    train_ids = train_ids[np.linspace(0, len(train_ids) - 1, min(PROBE_TRAIN_IMAGES, len(train_ids))).astype(int)]
+    train_images = torch.from_numpy(ImageStore(world).get(train_ids))
+    lite0 = Lite0Pooled(load_effnet_lite0()).to(device)
+
+    def features(images: torch.Tensor) -> np.ndarray:
+        return attributes.probe_features(images, lambda x: vision.image_embedding(x.to(device)),
+                                         lambda x: lite0(x.to(device)))
+
+    decoded = tokenizer_ceiling(tokenizer, train_images.to(device)).cpu()
+    train_labels = attributes.attribute_labels(world, train_ids)
+    probes = attributes.AttributeProbes(
+        np.concatenate([features(train_images), features(decoded)]),
+        {k: np.concatenate([v, v]) for k, v in train_labels.items()}, attributes.attribute_classes(world))
+    truth = attributes.attribute_labels(world, image_index)
+    table = [("Stimuli themselves (probe ceiling)", attributes.shown_rates(probes, features(gts), truth))]
+    table += [(name, attributes.shown_rates(probes, features(recons), truth)) for name, recons in rows.items()]
+    table.append(("Majority class (constant guess)", attributes.majority_rates(train_labels, truth)))
+    return table
 
 
 def ridge_floor(world: Path, subject: int, image_index: np.ndarray, size: int) -> torch.Tensor:
@@ -137,7 +185,8 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
     tokenizer = load_tokenizer(ck["tokenizer"], device=dev)
     rows["Ceiling: generator on true vision features"] = timer.run(
         "ceiling (true features)", true_feature_ceiling, ck, world, subject, gts, image_index, settings_json, dev)
-    rows["Ceiling: tokenizer reconstruction"] = timer.run("ceiling (tokenizer)", tokenizer_ceiling, tokenizer, gts.to(dev)).cpu()
+    rows["Ceiling: tokenizer reconstruction"] = timer.run("ceiling (tokenizer)", tokenizer_ceiling, tokenizer,
+                                                          gts.to(dev)).cpu()
     rows["Floor: ridge voxels → pixels"] = timer.run("floor (ridge)", ridge_floor, world, subject, image_index,
                                                      gts.shape[-1])
     vision = load_vision(ck["vision"], device=dev)
@@ -146,6 +195,8 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
     for name, recons in rows.items():
         result = timer.run("evaluate", evaluate_reconstructions, recons.float(), gts, metrics=metrics, device=dev)
         scored[name] = result["values"]
+    shown = timer.run("attribute probes", attribute_rates, world, subject, rows, gts, image_index, tokenizer,
+                      vision, dev)
     n_show = min(recipe.report_images, len(gts))
     strips = _strips(recon_dir, image_index, recipe.strips)
     settings = {
@@ -170,8 +221,10 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
         settings=settings, metric_rows=list(scored.items()), columns=METRIC_COLUMNS,
         gt=gts[:n_show].numpy(), recon=rows[main_name][:n_show].float().numpy(),
         strips=strips, timings=timer.seconds, notes=notes,
+        extra_tables=[{"key": "attributes", "title": "What the reconstructions show", "intro": ATTRIBUTE_INTRO,
+                       "rows": shown, "columns": ATTRIBUTE_COLUMNS}],
     )
-    stage_metrics = {"reconstruction": scored}
+    stage_metrics = {"reconstruction": scored, "attributes": dict(shown)}
     return {"metrics": stage_metrics, "paths": paths}
 
 

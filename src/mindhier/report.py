@@ -88,8 +88,12 @@ def write_report(
     strips: list[tuple[str, np.ndarray]] | None = None,
     timings: dict[str, float] | None = None,
     notes: list[str] | None = None,
+    extra_tables: list[dict] | None = None,
 ) -> dict[str, Path]:
-    """Write report.html, report.md, report.json and the PNGs into ``out_dir``."""
+    """Write report.html, report.md, report.json and the PNGs into ``out_dir``.
+
+    ``extra_tables``: further tables after the metrics, each a dict with ``key`` (its name in
+    report.json), ``title``, ``intro``, ``rows`` and ``columns`` (as ``metric_rows`` / ``columns``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pairs_grid(gt, recon).save(out / "reconstructions.png")
@@ -103,6 +107,9 @@ def write_report(
     md += [f"- **{k}**: {v}" for k, v in settings.items()]
     md += ["", "## Metrics", "", table, ""]
     md += [f"- {n}" for n in (notes or [])]
+    for extra in extra_tables or []:
+        md += ["", f"## {extra['title']}", "", extra["intro"], "",
+               metric_table_markdown(extra["rows"], extra["columns"])]
     md += ["", "## Reconstructions (top: stimulus, bottom: reconstruction)", "",
            "![reconstructions](reconstructions.png)", ""]
     if strip_files:
@@ -114,7 +121,8 @@ def write_report(
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "report.html").write_text(markdown_to_html(title, "\n".join(md)))
     (out / "report.json").write_text(json.dumps(
-        {"settings": settings, "metrics": dict(metric_rows), "timings": timings or {}},
+        {"settings": settings, "metrics": dict(metric_rows), "timings": timings or {},
+         **{extra["key"]: dict(extra["rows"]) for extra in extra_tables or []}},
         indent=2, default=str))
     return {"html": out / "report.html", "md": out / "report.md", "json": out / "report.json"}
 

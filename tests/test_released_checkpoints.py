@@ -1,0 +1,53 @@
+"""The committed demo checkpoints (checkpoints/demo): they fit this code's configs, and the
+fixed regression subset of test images reconstructs to the metrics recorded in their model
+cards (``metrics.json`` → ``regression``), within ``REGRESSION_TOLERANCE``.
+
+Generates the demo world (about a minute on 2 cores, ~600 MB in the pytest temp folder)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mindhier.demo import (
+    RECIPES, REGRESSION_TOLERANCE, check_released_against_code, check_same_data, ensure_world,
+    regression_metrics, released_checkpoints,
+)
+
+RELEASED = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (RELEASED / "metrics.json").is_file(),
+                       reason=f"no released demo checkpoints in {RELEASED} (nothing to regress against)"),
+]
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    world = tmp_path_factory.mktemp("released") / "world"
+    ensure_world(world, "demo")
+    ck = released_checkpoints(RELEASED, "demo")
+    return world, ck
+
+
+def test_released_checkpoints_fit_the_code_and_the_world(released):
+    world, ck = released
+    check_released_against_code(ck, "demo")
+    check_same_data(ck["encoder"], world, 1)
+    for stage in ck:
+        card = (RELEASED / f"{stage}.md").read_text()
+        assert "config hash" in card and "Held-out metrics" in card
+
+
+def test_regression_subset_reconstructs_to_the_model_card_metrics(released, tmp_path):
+    world, ck = released
+    recorded = json.loads((RELEASED / "metrics.json").read_text())["regression"]
+    assert math.isfinite(recorded["pixcorr"]) and math.isfinite(recorded["ssim"])
+    again = regression_metrics(world, 1, ck, tmp_path / "regression", RECIPES["demo"])
+    assert again["images"] == recorded["images"]
+    assert abs(again["pixcorr"] - recorded["pixcorr"]) <= REGRESSION_TOLERANCE, (again, recorded)
+    assert abs(again["ssim"] - recorded["ssim"]) <= REGRESSION_TOLERANCE, (again, recorded)
