@@ -40,8 +40,9 @@ ATTRIBUTE_INTRO = (
     "What a reconstruction shows, in the world's own terms: the share of test images whose attribute, "
     "read from the reconstruction by a linear probe, is the stimulus's true one. The probes (ridge on "
     "EfficientNet-Lite0 features, the small CLIP's embedding and 4×4 pixel block means) are fitted on "
-    "training stimuli and their tokenizer reconstructions, never on test images (`mindhier.world.attributes`). The stimuli row is "
-    "what a perfect reconstruction scores; the majority row what a constant guess scores."
+    "training stimuli and their tokenizer reconstructions, never on test images "
+    "(`mindhier.world.attributes`). The stimuli row is what a perfect reconstruction scores; the "
+    "majority row what a constant guess scores."
 )
 
 
