@@ -29,6 +29,7 @@ from mindhier.errors import MindhierError
 from mindhier.world.cli import print_summary
 
 STAGES = ("vision", "encoder", "tokenizer", "generator")
+FROM_SCRATCH = "about 42 min on 2 idle CPU cores"   # measured for the `demo` recipe (README)
 # A stage is retrained whenever a checkpoint it was trained on changed.
 DEPENDS_ON = {"vision": (), "encoder": ("vision",), "tokenizer": (), "generator": ("encoder", "tokenizer")}
 
@@ -52,8 +53,9 @@ class Recipe:
 # reached PixCorr .64 and the generator then drew blobs; 2400 reach .85), and the generator
 # needs ~1500 steps before objects appear as coloured blobs in the right place. Stage 1 is
 # near its held-out plateau after 4 epochs. Sampling uses CFG 3, not the paper's 6: on this
-# small generator CFG 6 over-saturates, and the main object's colour is read back from half as
-# many reconstructions. `tiny` is what the test suite runs end to end.
+# small generator CFG 6 over-saturates (on an earlier, less noisy version of the world the main
+# object's colour was read back from 12 % of reconstructions at CFG 6 and 25 % at CFG 3; on this
+# one PixCorr is the same at both). `tiny` is what the test suite runs end to end.
 RECIPES: dict[str, Recipe] = {
     "demo": Recipe(
         world="demo",
@@ -178,7 +180,7 @@ def released_checkpoints(folder: Path, preset: str = "demo") -> dict[str, Path]:
     missing = [s for s, p in ck.items() if not all(x.exists() for x in paths_for(p))]
     if missing:
         raise DemoError(f"released checkpoints missing in {folder}: {', '.join(missing)}. "
-                        "Train them with `mindhier demo --from-scratch` (about 25 min on 2 idle CPU cores).")
+                        f"Train them with `mindhier demo --from-scratch` ({FROM_SCRATCH}).")
     check_released_against_code(ck, preset)
     return ck
 
@@ -214,7 +216,7 @@ def check_released_against_code(ck: dict[str, Path], preset: str = "demo") -> No
     if problems:
         raise DemoError("the released checkpoints were trained with other configs than this code's "
                         f"`{preset}` presets:\n  " + "\n  ".join(problems)
-                        + "\nRetrain them: `mindhier demo --from-scratch --release` (about 25 min on 2 idle cores).")
+                        + f"\nRetrain them: `mindhier demo --from-scratch --release` ({FROM_SCRATCH}).")
     load_all(ck)
 
 
@@ -380,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     elif not Path(args.checkpoints).exists():
         say(f"this version ships no released checkpoints ({args.checkpoints} is absent), so the demo stops "
             "after the world. Train every stage here with `bash scripts/demo.sh --from-scratch` "
-            "(about 25 min on 2 idle CPU cores); it ends with the same report.")
+            f"({FROM_SCRATCH}); it ends with the same report.")
         return 0
     else:
         ck = released_checkpoints(Path(args.checkpoints), recipe.world)
