@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--subject", type=int, default=1)
     p.add_argument("--batch", type=int, default=16, help="batched-throughput batch for the demo preset")
     p.add_argument("--paper-batch", type=int, default=4,
-                   help="batched-throughput batch for the paper preset (≥ 4 amortises reading the 4.6 GB "
-                        "of weights at the coarse scales)")
+                   help="batched-throughput batch for the paper preset (it amortises reading the 4.6 GB of "
+                        "weights at the coarse scales; on 2 CPU cores batch 1 is as fast per image, "
+                        "see bench/RESULTS.md)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
     p.add_argument("--paper-repeats", type=int, default=1)
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-measuring matmul")
