@@ -51,7 +51,7 @@ def test_release_writes_model_cards_and_default_demo_uses_them(tiny_demo):
     for stage in ("vision", "encoder", "tokenizer", "generator"):
         assert (released / f"{stage}.safetensors").is_file()
         card = (released / f"{stage}.md").read_text()
-        assert "config hash" in card and "git commit" in card
+        assert "config hash" in card and "git commit" in card and "## Data manifest" in card
     argv = ["demo", "--recipe", "tiny", "--out", str(tiny_demo / "again"), "--world",
             str(tiny_demo / "world"), "--checkpoints", str(released)]
     assert cli.main(argv) == 0

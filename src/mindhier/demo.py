@@ -342,8 +342,14 @@ def model_card(stage: str, meta: dict, seconds: float | None, metrics: dict, rec
              f"- training time: {seconds:.0f} s on 2 CPU cores" if seconds else "- training time: not recorded",
              "", "## Config", "", "```json", json.dumps(meta.get("config"), indent=1, sort_keys=True), "```", "",
              "## Held-out metrics of the whole pipeline with these released weights", "",
-             "```json", json.dumps(metrics, indent=1), "```", ""]
-    return "\n".join(lines)
+             "```json", json.dumps(metrics, indent=1), "```", "",
+             "## Data manifest", "",
+             "The files it was trained on (`scope`: hashed in full, or `edges`: the first and last 8 MiB",
+             "and the size of large files).", "",
+             "| file | bytes | sha256 | scope |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {f.get('size')} | `{f.get('sha256')}` | {f.get('scope')} |"
+              for name, f in sorted(manifest.get("files", {}).items())]
+    return "\n".join(lines + [""])
 
 
 # ---------------------------------------------------------------------------------------------
