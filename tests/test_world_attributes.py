@@ -74,3 +74,10 @@ def test_rates_on_constructed_predictions():
     assert rates["colours_both"] == 0.5          # image 1 misses the object, image 2 the background
     majority = attributes.majority_rates({**truth, "main_category": np.array([3, 3, 1, 0])}, truth)
     assert majority["main_category"] == 0.25 and majority["background_kind"] == 1.0
+
+
+def test_a_folder_without_image_params_is_refused_clearly(tmp_path):
+    from mindhier.errors import MindhierError
+
+    with pytest.raises(MindhierError, match="image_params.json.*synthetic world"):
+        attributes.attribute_labels(tmp_path, np.arange(3))
