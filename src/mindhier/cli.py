@@ -16,9 +16,11 @@ from mindhier.errors import MindhierError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mindhier.demo", "the whole offline pipeline on the synthetic world, with an HTML report"),
     "world": ("mindhier.world.cli", "generate the synthetic world (images, captions, simulated cortex) in NSD layout"),
+    "corpus": ("mindhier.world.corpus_cli", "write the pretraining corpus (scenes without fMRI) for the foundation models"),
     "data-info": ("mindhier.data.cli", "summarise a data folder in MindEye2 layout (subjects, voxels, trials)"),
     "prepare-nsd": ("mindhier.data.prepare_nsd", "convert raw NSD (NIfTI betas, expdesign) to the MindEye2 layout"),
     "train-vision": ("mindhier.train.vision", "train the in-project small CLIP on a world's image-caption pairs"),
+    "train-reader": ("mindhier.train.reader", "train the world reader (reads scene parameters from pictures) on the corpus"),
     "train-encoder": ("mindhier.train.encoder", "stage 1: train the hierarchical fMRI encoder"),
     "train-tokenizer": ("mindhier.train.tokenizer", "train the multi-scale residual VQ-VAE"),
     "import-tokenizer": ("mindhier.tokenizer.cli", "turn released VAR/Switti VQ-VAE weights into a mindhier checkpoint"),

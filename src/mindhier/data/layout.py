@@ -9,11 +9,16 @@ Layout under a data root::
     wds/subj01/new_test/0.tar              all shared1000 (test) trials
     coco_images_224_float16.hdf5           dataset "images": (N, 3, H, W) float16 in [0, 1]
     images/image_000123.png                (alternative to the HDF5 images)
+    nsd_stimuli.hdf5                       dataset "imgBrick": (N, H, W, 3) uint8 (NSD's own stimulus
+                                           file; also the pretraining corpus's image file)
     COCO_73k_annots_curated.npy            (N, 5) captions
     # synthetic world only:
     world/subj01_roi.npy                   per-voxel ROI label (0 early, 1 mid, 2 high)
     world/image_params.json                each image's generating parameters
     world/world.json                       the world's config, seed and summary
+    # pretraining corpus only (no fMRI; images in nsd_stimuli.hdf5):
+    corpus/labels.npz                      scene labels of every image (the world reader's)
+    corpus/corpus.json                     the corpus's config, seed and digest
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ COL_SHARED = 16  # 1 when the image is one of the shared1000 (test) images
 
 BETAS_DATASET = "betas"
 IMAGES_DATASET = "images"
+NSD_STIMULI_DATASET = "imgBrick"  # NSD's nsd_stimuli.hdf5: (73000, 425, 425, 3) uint8
 TRIALS_PER_SESSION = 750  # NSD: row = (session - 1) * 750 + trial
 
 # NSD voxel counts in nsdgeneral (SPEC §1.1), used to sanity-check real data.
@@ -69,6 +75,10 @@ def test_tar_path(root: str | Path, subject: int) -> Path:
 
 def images_hdf5_path(root: str | Path) -> Path:
     return Path(root) / "coco_images_224_float16.hdf5"
+
+
+def stimuli_hdf5_path(root: str | Path) -> Path:
+    return Path(root) / "nsd_stimuli.hdf5"
 
 
 def images_dir(root: str | Path) -> Path:
@@ -107,3 +117,11 @@ def subjects_in(root: str | Path) -> list[int]:
         if digits.isdigit():
             found.append(int(digits))
     return sorted(found)
+
+
+def corpus_info_path(root: str | Path) -> Path:
+    return Path(root) / "corpus" / "corpus.json"
+
+
+def corpus_labels_path(root: str | Path) -> Path:
+    return Path(root) / "corpus" / "labels.npz"

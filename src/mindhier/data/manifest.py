@@ -54,8 +54,8 @@ def relevant_files(root: Path, subjects: list[int]) -> list[Path]:
         files += sorted(layout.wds_dir(root, s).glob("train/*.tar"))
         files.append(layout.test_tar_path(root, s))
         files.append(layout.roi_path(root, s))
-    files += [layout.images_hdf5_path(root), layout.captions_path(root),
-              layout.image_params_path(root), layout.world_info_path(root)]
+    files += [layout.images_hdf5_path(root), layout.stimuli_hdf5_path(root), layout.captions_path(root),
+              layout.image_params_path(root), layout.world_info_path(root), layout.corpus_info_path(root)]
     return [p for p in files if p.is_file()]
 
 

@@ -256,17 +256,19 @@ RANGE_TOLERANCE = 1e-3  # float16 rounding of 1.0 and resampling overshoot stay 
 
 class ImageStore(_PerProcessFile):
     """Stimulus images as float32 (n, 3, H, W) in [0, 1], from ``coco_images_224_float16.hdf5``
-    (dataset "images", preferred) or the folder ``images/image_XXXXXX.png``."""
+    (dataset "images", preferred), NSD's own ``nsd_stimuli.hdf5`` (dataset "imgBrick",
+    (N, H, W, 3) uint8 — also the pretraining corpus's file) or the folder
+    ``images/image_XXXXXX.png``."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self._file, self._pid = None, None
-        h5 = layout.images_hdf5_path(root)
+        h5, brick = layout.images_hdf5_path(root), layout.stimuli_hdf5_path(root)
         folder = layout.images_dir(root)
-        if h5.is_file():
-            self.path, self.kind = h5, "hdf5"
+        if h5.is_file() or brick.is_file():
+            self.path, self.kind = (h5, "hdf5") if h5.is_file() else (brick, "imgbrick")
             try:
-                self._init_hdf5()
+                self._init_hdf5() if self.kind == "hdf5" else self._init_imgbrick()
             except DataError:
                 self.close()  # a failed open must not keep the file locked
                 raise
@@ -289,6 +291,14 @@ class ImageStore(_PerProcessFile):
         self.num_images = int(shape[0])
         self.image_size = (int(shape[2]), int(shape[3]))
 
+    def _init_imgbrick(self) -> None:
+        ds = self._ds()
+        if ds.ndim != 4 or ds.shape[-1] != 3 or ds.dtype != np.uint8:
+            raise DataError(f"{self.path}: dataset '{layout.NSD_STIMULI_DATASET}' has shape {ds.shape} dtype "
+                            f"{ds.dtype}; expected (N, H, W, 3) uint8 as NSD's nsd_stimuli.hdf5.")
+        self.num_images = int(ds.shape[0])
+        self.image_size = (int(ds.shape[1]), int(ds.shape[2]))
+
     def _init_png(self) -> None:
         from PIL import Image
 
@@ -303,11 +313,22 @@ class ImageStore(_PerProcessFile):
             self.image_size = (im.height, im.width)
 
     def _ds(self) -> h5py.Dataset:
-        return _dataset(self._handle("image file"), self.path, layout.IMAGES_DATASET)
+        key = layout.IMAGES_DATASET if self.kind == "hdf5" else layout.NSD_STIMULI_DATASET
+        return _dataset(self._handle("image file"), self.path, key)
+
+    def get_uint8(self, indices) -> np.ndarray:
+        """Images as stored, uint8 (n, 3, H, W): half the memory of float16 for large caches.
+        Only for a uint8 source (``imgBrick``); float sources are rounded."""
+        idx = _check_indices(np.atleast_1d(indices), self.num_images, self.path, "image index")
+        if self.kind == "imgbrick":
+            return np.ascontiguousarray(read_rows(self._ds(), idx).transpose(0, 3, 1, 2))
+        return np.round(self.get(idx) * 255).astype(np.uint8)
 
     def get(self, indices) -> np.ndarray:
         """Images ``indices`` (COCO-73k / world image indices) as float32 (n, 3, H, W) in [0, 1]."""
         idx = _check_indices(np.atleast_1d(indices), self.num_images, self.path, "image index")
+        if self.kind == "imgbrick":
+            return self.get_uint8(idx).astype(np.float32) / 255.0
         images = read_rows(self._ds(), idx).astype(np.float32) if self.kind == "hdf5" else self._get_png(idx)
         lo, hi = (float(images.min()), float(images.max())) if images.size else (0.0, 1.0)
         if not np.isfinite([lo, hi]).all() or lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:

@@ -71,6 +71,15 @@ PRESETS: dict[str, VQVAEConfig] = {
         vocab_size=1024, z_channels=16, ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1,
         image_size=64, scales=(1, 2, 3, 4, 6, 8), norm_groups=8,
     ),
+    # The demo's foundation tokenizer (the stand-in for VQVAE-Switti), trained on the 100 k-image
+    # pretraining corpus (SPEC §1.4): the same 8x8 latent and schedule as `demo` (so the
+    # generator's sequence stays 130 tokens on a CPU), with twice the width, VAR's codebook width
+    # (Cvae 32) and 4x the codebook. `demo` (1.0 M params, 3 k world images) reconstructs the
+    # backgrounds and loses the objects; see checkpoints/foundation/tokenizer.md for what this gets.
+    "foundation": VQVAEConfig(
+        vocab_size=4096, z_channels=32, ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1,
+        image_size=64, scales=(1, 2, 3, 4, 6, 8), norm_groups=8,
+    ),
     # 32-px images, latent 4x4: for tests and smoke runs.
     "tiny": VQVAEConfig(
         vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1,

@@ -76,7 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def split_images(root: Path, store: ImageStore) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) image indices: test = the held-out (shared1000) images of every subject
-    in ``root``; train = every other image. Without subjects, every 20th image is held out."""
+    in ``root``; train = every other image. A pretraining corpus holds out its every 50th image
+    (as every model trained on it does); other data without subjects, every 20th."""
+    from mindhier.world.corpus import held_out_images, is_corpus
+
+    if is_corpus(root):
+        test_idx = held_out_images(store.num_images)
+        return np.setdiff1d(np.arange(store.num_images), test_idx), test_idx
     subjects = layout.subjects_in(root)
     test = set()
     for s in subjects:
@@ -99,15 +105,19 @@ def load_images(store: ImageStore, idx: np.ndarray, size: int) -> torch.Tensor:
 
 
 class TrainImages:
-    """The training images, held in memory as float16 when they fit in ``cache_gb`` (a small
-    world: ~74 MB), else read from the store batch by batch."""
+    """The training images, held in memory when they fit in ``cache_gb`` — as stored (uint8)
+    for a uint8 source at the model's size (the pretraining corpus: 100 k images, 1.2 GB), else
+    as float16 (a small world: ~74 MB) — or read from the store batch by batch."""
 
     def __init__(self, store: ImageStore, idx: np.ndarray, size: int, cache_gb: float, show: bool):
         self.store, self.idx, self.size = store, idx, size
         self.cache = None
-        if len(idx) * 3 * size * size * 2 <= cache_gb * 2**30:
-            chunks = [load_images(store, idx[i:i + 512], size).half()
-                      for i in common.progress(range(0, len(idx), 512), desc="loading images", enabled=show)]
+        as_stored = store.kind == "imgbrick" and tuple(store.image_size) == (size, size)
+        if len(idx) * 3 * size * size * (1 if as_stored else 2) <= cache_gb * 2**30:
+            load = ((lambda rows: torch.from_numpy(store.get_uint8(rows))) if as_stored
+                    else (lambda rows: load_images(store, rows, size).half()))
+            chunks = [load(idx[i:i + 2048])
+                      for i in common.progress(range(0, len(idx), 2048), desc="loading images", enabled=show)]
             self.cache = torch.cat(chunks)
 
     def __len__(self) -> int:
@@ -123,7 +133,10 @@ class TrainImages:
 
     def images(self, pick: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Images at positions ``pick`` in [-1, 1], flipped where ``flips``."""
-        x = self.cache[pick].float() if self.cache is not None else load_images(self.store, self.idx[pick.numpy()], self.size)
+        if self.cache is None:
+            x = load_images(self.store, self.idx[pick.numpy()], self.size)
+        else:
+            x = self.cache[pick].float() / (255 if self.cache.dtype == torch.uint8 else 1)
         x[flips] = x[flips].flip(-1)
         return MultiScaleVQVAE.images01_to_input(x)
 
