@@ -15,6 +15,7 @@ from mindhier.errors import MindhierError
 # name -> (module, one-line help). Order is the order a new user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mindhier.demo", "the whole offline pipeline on the synthetic world, with an HTML report"),
+    "pretrain": ("mindhier.pretrain", "train (or resume) the demo's foundation models on the pretraining corpus"),
     "world": ("mindhier.world.cli", "generate the synthetic world (images, captions, simulated cortex) in NSD layout"),
     "corpus": ("mindhier.world.corpus_cli", "write the pretraining corpus (scenes without fMRI) for the foundation models"),
     "data-info": ("mindhier.data.cli", "summarise a data folder in MindEye2 layout (subjects, voxels, trials)"),
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("mindhier.train.tokenizer", "train the multi-scale residual VQ-VAE"),
     "import-tokenizer": ("mindhier.tokenizer.cli", "turn released VAR/Switti VQ-VAE weights into a mindhier checkpoint"),
     "train-generator": ("mindhier.train.generator", "stage 2: train the scale-aware generator"),
+    "pretrain-generator": ("mindhier.train.pretrain_generator", "pretrain the generator on the corpus, conditioned on each image's vision features"),
     "reconstruct": ("mindhier.reconstruct", "reconstruct test images from fMRI"),
     "evaluate": ("mindhier.evaluate", "score reconstructions against their stimuli (MindEye2 metrics)"),
 }

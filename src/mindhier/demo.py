@@ -151,23 +151,30 @@ def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: T
                       *recipe.generator],
     }
     for stage in STAGES:
-        marker = ck[stage].parent / "demo_stage.json"
-        done = json.loads(marker.read_text()) if marker.exists() else None
-        inputs = {dep: read_metadata(ck[dep]).get("created") for dep in DEPENDS_ON[stage]}
-        if done and done.get("command") == commands[stage] and done.get("inputs", {}) == inputs:
-            say(f"{stage}: reusing {ck[stage]} (trained by the same command on the same inputs; "
-                "delete the folder to retrain)")
-            timer.seconds[f"train {stage}"] = done.get("seconds", 0.0)
-            continue
-        if done:
-            say(f"{stage}: {ck[stage].parent} was trained by another command or on other inputs; retraining")
-            shutil.rmtree(ck[stage].parent)
-        resume = ["--resume"] if paths_for(ck[stage])[1].exists() else []
-        start = time.perf_counter()
-        timer.run(f"train {stage}", run_command, commands[stage] + resume)
-        marker.write_text(json.dumps({"command": commands[stage], "inputs": inputs,
-                                      "seconds": time.perf_counter() - start}))
+        run_stage(stage, commands[stage], ck[stage], {dep: ck[dep] for dep in DEPENDS_ON[stage]}, timer)
     return ck
+
+
+def run_stage(stage: str, command: list[str], ckpt: Path, upstream: dict[str, Path], timer: Timer,
+              resume_from: Path | None = None) -> None:
+    """Run one training stage, or reuse it: a stage whose ``demo_stage.json`` (written when its
+    command finished) records the same command and the same upstream checkpoints is reused; an
+    interrupted one (``resume_from``, default its checkpoint, exists) is resumed; anything else
+    is retrained from scratch."""
+    marker = ckpt.parent / "demo_stage.json"
+    done = json.loads(marker.read_text()) if marker.exists() else None
+    inputs = {dep: read_metadata(path).get("created") for dep, path in upstream.items()}
+    if done and done.get("command") == command and done.get("inputs", {}) == inputs:
+        say(f"{stage}: reusing {ckpt} (trained by the same command on the same inputs; delete the folder to retrain)")
+        timer.seconds[f"train {stage}"] = done.get("seconds", 0.0)
+        return
+    if done:
+        say(f"{stage}: {ckpt.parent} was trained by another command or on other inputs; retraining")
+        shutil.rmtree(ckpt.parent)
+    resume = ["--resume"] if paths_for(resume_from or ckpt)[1].exists() else []
+    start = time.perf_counter()
+    timer.run(f"train {stage}", run_command, command + resume)
+    marker.write_text(json.dumps({"command": command, "inputs": inputs, "seconds": time.perf_counter() - start}))
 
 
 # ---------------------------------------------------------------------------------------------

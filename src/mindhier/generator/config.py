@@ -34,6 +34,11 @@ class GeneratorConfig:
     tokens_per_level: int = 17      # T
     routing: str = "scale-aware"    # one of ROUTINGS
     cond_drop_prob: float = 0.1     # CFG: voxels zeroed before the frozen encoder (training loop)
+    # Rescale each level to a mean token norm of 1 before use. The encoder is trained on
+    # l2-normalised targets (paper Eq. 1), so only the direction of e_m carries meaning; with the
+    # norm removed, a generator pretrained on the vision model's own v_{g_m} (SPEC §1.4) reads
+    # the encoder's e_m on the same scale when stage 2 fine-tunes it.
+    level_norm: bool = False
     ffn_mult: float = 8 / 3         # SwiGLU hidden = int(width · ffn_mult)
     rope_theta: float = 10000.0
     rope_size: int = 128            # every scale's grid is stretched to span this many positions

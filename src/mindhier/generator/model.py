@@ -157,6 +157,9 @@ class ScaleAwareGenerator(nn.Module):
                 f"pooled_dim {cfg.pooled_dim} ≠ context_dim {cfg.context_dim}: the pooled vector is the "
                 f"mean of e_M's tokens, so both must equal the encoder's token width"
             )
+        if cfg.level_norm:  # mean token norm 1 (all-zero levels, the pretraining null, stay zero)
+            levels = [e * (e.shape[1] ** 0.5 / e.flatten(1).norm(dim=1).clamp_min(1e-6)).view(-1, 1, 1)
+                      for e in levels]
         context = torch.cat(levels[::-1], dim=1)
         order = torch.arange(cfg.num_levels, 0, -1, device=context.device)
         context_levels = order.repeat_interleave(cfg.tokens_per_level)

@@ -94,6 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default="cached", choices=("cached", "on-the-fly"),
                    help="tokenize the training images once (OUT/tokens.safetensors) or every step")
     p.add_argument("--init-switti", default=None, help="start from released Switti weights (.safetensors)")
+    p.add_argument("--init", default=None,
+                   help="start from a mindhier generator checkpoint, e.g. the foundation generator that "
+                        "`pretrain-generator` trained on the corpus (its config is used; it must have been "
+                        "pretrained on the encoder's vision model and layers and on --tokenizer)")
     p.add_argument("--parallel", default="fsdp", choices=("fsdp", "ddp"), help="multi-process strategy")
     p.add_argument("--sample-every", type=int, default=500, help="write a sample grid every N steps (0: only at the end)")
     p.add_argument("--sample-images", type=int, default=8, help="test images in the sample grid")
@@ -213,11 +217,22 @@ class Trainer:
             raise MindhierError(f"subject {a.subject} has {len(self.train)} training trials, fewer than "
                                 f"--global-batch {a.global_batch}; lower the batch")
 
+    def _generator_config(self):
+        """The preset with the frozen models' interface; with --init, the init checkpoint's own
+        config (checked against that interface)."""
+        a = self.args
+        base = get_preset(PRESETS, a.preset, "generator")
+        cfg = generator_config_for(base, self.encoder, self.tokenizer, routing=a.routing, cond_drop_prob=a.cond_drop)
+        if getattr(a, "init", None) is None:
+            return cfg
+        from mindhier.generator.pretrained import check_init_matches
+
+        self.init_tensors, init_meta = load_checkpoint(a.init, kind=GENERATOR_KIND)
+        return check_init_matches(init_meta, cfg, self.enc_meta, self.tok_meta, a.init)
+
     def _build(self) -> None:
         a, d = self.args, self.d
-        base = get_preset(PRESETS, a.preset, "generator")
-        self.cfg = generator_config_for(base, self.encoder, self.tokenizer, routing=a.routing,
-                                        cond_drop_prob=a.cond_drop)
+        self.cfg = self._generator_config()
         self.settings = TrainSettings(subject=a.subject, steps=a.steps, global_batch=a.global_batch, lr=a.lr,
                                       weight_decay=a.weight_decay, warmup=a.warmup, grad_clip=a.grad_clip,
                                       seed=a.seed, precision=a.precision)
@@ -227,6 +242,12 @@ class Trainer:
             report = load_switti_weights(self.model, a.init_switti)
             if d.is_main:
                 print(report.summary(), flush=True)
+        if getattr(a, "init", None) and not a.resume:
+            load_state_strict(self.model, {k: v for k, v in self.init_tensors.items()
+                                           if not k.startswith(TRAINING_PREFIXES)}, a.init)
+            if d.is_main:
+                print(f"starting from the pretrained generator {a.init}", flush=True)
+        self.init_tensors = None
         self.step, resume = 0, None
         if a.resume:
             resume = self._read_resume()
@@ -244,7 +265,7 @@ class Trainer:
                 "encoder": checkpoint_identity(self.enc_meta), "tokenizer": checkpoint_identity(self.tok_meta),
                 "encoder_path": str(self.args.encoder), "tokenizer_path": str(self.args.tokenizer),
                 "train": to_dict(self.settings), "data_manifest": self.manifest,
-                "init_switti": self.args.init_switti,
+                "init_switti": self.args.init_switti, "init": getattr(self.args, "init", None),
                 "progress": {"step": self.step, "world_size": self.d.world_size, "parallel": self.args.parallel}}
 
     def _save(self) -> None:
@@ -262,9 +283,7 @@ class Trainer:
         where = paths_for(self.ckpt)[1]
         check_config(meta, self.cfg, where)
         diffs = diff_configs(to_dict(self.settings), meta.get("train", {}))
-        for role, own in (("encoder", self.enc_meta), ("tokenizer", self.tok_meta)):
-            if meta.get(role) != checkpoint_identity(own):
-                diffs.append(f"{role}: the checkpoint was trained with another {role} ({meta.get(f'{role}_path')})")
+        diffs += self._frozen_diffs(meta)
         diffs += diff_manifests(meta.get("data_manifest", {}), self.manifest)
         if diffs:
             raise MindhierError(f"--resume: {where} was trained differently:\n  " + "\n  ".join(diffs)
@@ -274,6 +293,12 @@ class Trainer:
         if self.d.is_main:
             print(f"resumed {where} at step {self.step}/{self.args.steps}", flush=True)
         return tensors, meta["optimizer"]
+
+    def _frozen_diffs(self, meta: dict) -> list[str]:
+        """How the frozen models differ from those the checkpoint was trained with."""
+        return [f"{role}: the checkpoint was trained with another {role} ({meta.get(f'{role}_path')})"
+                for role, own in (("encoder", self.enc_meta), ("tokenizer", self.tok_meta))
+                if meta.get(role) != checkpoint_identity(own)]
 
     # ---- data -----------------------------------------------------------------------------
     def _load_images(self, image_indices: np.ndarray) -> torch.Tensor:
@@ -318,9 +343,12 @@ class Trainer:
         """(trial rows, keep-condition flags) of a step's global batch, from (seed, step) only,
         so 1 and N processes and a resumed run see the same samples."""
         g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
-        rows = torch.randint(0, len(self.train), (self.args.global_batch,), generator=g).numpy()
+        rows = torch.randint(0, self._num_samples(), (self.args.global_batch,), generator=g).numpy()
         keep = torch.rand(self.args.global_batch, generator=g) >= self.args.cond_drop
         return rows, keep
+
+    def _num_samples(self) -> int:
+        return len(self.train)
 
     def _micro_batches(self, step: int):
         rows, keep = self._global_batch(step)
@@ -354,9 +382,8 @@ class Trainer:
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             _trim_log(self.out / "log.jsonl", self.step)   # a fresh run starts it anew, a resumed one at its step
-            print(f"train-generator: subject {a.subject}, {len(self.train)} trials | {a.preset} generator "
-                  f"{self.model.num_params():,} "
-                  f"params, routing {a.routing} {self.model.routing_table()} | {d.world_size} process(es) "
+            print(f"{self._describe_data()} | {a.preset} generator {self.model.num_params():,} "
+                  f"params, routing {self.cfg.routing} {self.model.routing_table()} | {d.world_size} process(es) "
                   f"({a.parallel if d.enabled else 'single'}) x {self.micro} x {self.accum} accum = batch "
                   f"{a.global_batch}", flush=True)
         stop_at = self.step + a.stop_after if a.stop_after is not None else a.steps
@@ -378,6 +405,9 @@ class Trainer:
             if (a.sample_every and self.step % a.sample_every == 0) or self.step == a.steps:
                 self._sample_grid()
         bar.close()
+
+    def _describe_data(self) -> str:
+        return f"train-generator: subject {self.args.subject}, {len(self.train)} trials"
 
     def _optimizer_step(self, guard: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)

@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         model.train()
         common.set_lr(opt, common.warmup_cosine(step, args.steps, min(100, args.steps // 10), args.lr, min_ratio=0.05))
         x, y = data.batch(step, args.seed, args.batch)
+        torch.manual_seed(args.seed * 1_000_003 + step)  # dropout too replays exactly on --resume
         logits = model(x)
         loss = R.loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
@@ -111,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         opt.step()
         if (step + 1) % 25 == 0:
             acc = {k: round(float(v.mean()), 4) for k, v in R.hits(R.predictions(logits), {k: v.numpy() for k, v in y.items()}).items()}
-            _log(out, {"step": step + 1, "loss": round(float(loss), 5), "lr": opt.param_groups[0]["lr"], **acc})
-            bar.set_postfix(loss=f"{float(loss):.3f}", shape=f"{acc['main_category']:.2f}")
+            _log(out, {"step": step + 1, "loss": round(float(loss.detach()), 5), "lr": opt.param_groups[0]["lr"], **acc})
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", shape=f"{acc['main_category']:.2f}")
         if (step + 1) % args.save_every == 0 and step + 1 < end:
             _save(last, model, opt, step + 1, settings, manifest, with_optimizer=True)
     step = end

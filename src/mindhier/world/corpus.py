@@ -146,7 +146,7 @@ def write_corpus(cfg: CorpusConfig, out, *, workers: int = 2, force: bool = Fals
     with h5py.File(h5_path, "a") as f:
         if layout.NSD_STIMULI_DATASET not in f:
             f.create_dataset(layout.NSD_STIMULI_DATASET, shape=(cfg.size, cfg.image_size, cfg.image_size, 3),
-                             dtype=np.uint8, chunks=(64, cfg.image_size, cfg.image_size, 3))
+                             dtype=np.uint8, chunks=(min(64, cfg.size), cfg.image_size, cfg.image_size, 3))
             f.attrs["rows_done"] = 0
             f.attrs["config"] = json.dumps(to_dict(cfg))
         ds, done = f[layout.NSD_STIMULI_DATASET], int(f.attrs["rows_done"])

@@ -52,12 +52,12 @@ LABELS = {  # how the report names them
 @dataclass(frozen=True)
 class ReaderConfig:
     image_size: int = 64
-    widths: tuple = (16, 32, 64, 128)  # per resolution level (each after the first halves the side)
+    widths: tuple = (32, 64, 128)  # per resolution level; each halves the side (64 px -> 32, 16, 8)
     hidden: int = 256
     dropout: float = 0.1
 
 
-PRESETS = {"tiny": ReaderConfig(image_size=32, widths=(8, 16, 32), hidden=64),
+PRESETS = {"tiny": ReaderConfig(image_size=32, widths=(8, 16), hidden=64),
            "demo": ReaderConfig()}
 
 
@@ -72,11 +72,11 @@ class WorldReader(nn.Module):
         super().__init__()
         self.cfg = cfg
         layers, cin = [], 3
-        for level, width in enumerate(cfg.widths):
-            layers += [_conv(cin, width, stride=1 if level == 0 else 2), _conv(width, width)]
+        for width in cfg.widths:
+            layers += [_conv(cin, width, stride=2), _conv(width, width)]
             cin = width
         self.body = nn.Sequential(*layers, nn.Conv2d(cin, 32, 1))
-        side = cfg.image_size // 2 ** (len(cfg.widths) - 1)
+        side = cfg.image_size // 2 ** len(cfg.widths)
         self.neck = nn.Sequential(nn.Flatten(), nn.Linear(32 * side * side, cfg.hidden), nn.GELU(),
                                   nn.Dropout(cfg.dropout))
         self.heads = nn.ModuleDict({name: nn.Linear(cfg.hidden, n) for name, n in ATTRIBUTES.items()})

@@ -1,0 +1,186 @@
+"""`mindhier pretrain`: the demo's foundation models, trained on the pretraining corpus (SPEC §1.4).
+
+MindHier's vision model (CLIP ViT-L/14), tokenizer (VQVAE-Switti) and generator (Switti) are
+foundation models trained on far more images than NSD; only the encoder and the generator's
+fine-tuning see fMRI. The demo's stand-ins are trained here, once, on the 100 k-image corpus:
+
+  corpus     `mindhier corpus`              the world's scenes on their own seed stream, no fMRI
+  reader     `mindhier train-reader`        the instrument: reads scene parameters from pictures
+  vision     `mindhier train-vision`        the small CLIP (stand-in for CLIP ViT-L/14)
+  tokenizer  `mindhier train-tokenizer`     the multi-scale VQ-VAE (stand-in for VQVAE-Switti)
+  generator  `mindhier pretrain-generator`  conditioned on each image's own vision hierarchy (Switti)
+
+Like CLIP and Switti weights, the results are released (``--release``: checkpoints/foundation,
+bf16, each with a model card) and users do not retrain them; `mindhier demo --from-scratch`
+trains the fMRI stages from them. Every stage is resumable: run the same command again after
+an interruption and each stage continues where it stopped (finished stages are reused).
+
+  mindhier pretrain --world worlds/demo                      # all stages (hours on 2 CPU cores)
+  mindhier pretrain --world worlds/demo --stages reader --release
+  torchrun --standalone --nproc_per_node=8 -m mindhier ...   (each stage's command runs alone too)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mindhier.checkpoint import paths_for
+from mindhier.demo import RELEASE_DTYPE, Timer, ensure_world, run_command, run_stage, say
+from mindhier.errors import MindhierError
+
+STAGES = ("reader", "vision", "tokenizer", "generator")
+DEPENDS_ON = {"reader": (), "vision": (), "tokenizer": (), "generator": ("vision", "tokenizer")}
+# The file whose presence means a stage can be resumed (its resumable checkpoint).
+RESUMABLE = {"reader": "last", "vision": "vision", "tokenizer": "last", "generator": "generator"}
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    corpus: str
+    world: str
+    reader: tuple[str, ...]
+    vision: tuple[str, ...]
+    tokenizer: tuple[str, ...]
+    generator: tuple[str, ...]
+
+
+# `demo`: measured step times on this project's slowest 2-core machine (AMD EPYC, no AVX-512,
+# fp32 matmul peak ≈ 70–130 GFLOP/s; see checkpoints/foundation/*.md for each stage's real
+# time): reader 0.6–1.5 s/step at batch 128 (2000 steps ≈ 20–50 min), tokenizer 2.4 s/step at
+# batch 16 (6000 steps ≈ 4 h), vision and generator about as long: hours in all, which is why
+# they are released rather than part of the demo. `tiny` is what the tests run.
+RECIPES: dict[str, PretrainRecipe] = {
+    "demo": PretrainRecipe(
+        corpus="demo", world="demo",
+        reader=("--preset", "demo", "--steps", "2000", "--batch", "128", "--lr", "2e-3", "--save-every", "250"),
+        vision=("--preset", "demo", "--epochs", "2", "--global-batch", "128", "--lr", "1e-3"),
+        tokenizer=("--preset", "foundation", "--steps", "6000", "--global-batch", "16", "--lr", "2e-3",
+                   "--save-every", "250"),
+        generator=("--preset", "demo", "--steps", "6000", "--global-batch", "32", "--lr", "1e-3",
+                   "--warmup", "100", "--save-every", "250", "--sample-every", "1000"),
+    ),
+    "tiny": PretrainRecipe(
+        corpus="tiny", world="tiny",
+        reader=("--preset", "tiny", "--steps", "20", "--batch", "32", "--save-every", "10"),
+        vision=("--preset", "tiny", "--epochs", "1", "--global-batch", "32"),
+        tokenizer=("--preset", "tiny", "--steps", "10", "--global-batch", "8"),
+        generator=("--preset", "tiny", "--steps", "6", "--global-batch", "8", "--warmup", "2",
+                   "--sample-every", "0", "--sample-images", "2"),
+    ),
+}
+
+
+class PretrainError(MindhierError):
+    pass
+
+
+def stage_commands(corpus: Path, world: Path, runs: Path, recipe: PretrainRecipe) -> tuple[dict, dict]:
+    """(command per stage, final checkpoint per stage)."""
+    ck = {"reader": runs / "reader" / "reader", "vision": runs / "vision" / "vision",
+          "tokenizer": runs / "tokenizer" / "tokenizer", "generator": runs / "generator" / "generator"}
+    data = ["--data", str(corpus)]
+    commands = {
+        "reader": ["train-reader", *data, "--world", str(world), "--out", str(ck["reader"].parent), *recipe.reader],
+        "vision": ["train-vision", *data, "--out", str(ck["vision"].parent), *recipe.vision],
+        "tokenizer": ["train-tokenizer", *data, "--out", str(ck["tokenizer"].parent), *recipe.tokenizer],
+        "generator": ["pretrain-generator", *data, "--vision", str(ck["vision"]), "--tokenizer", str(ck["tokenizer"]),
+                      "--out", str(ck["generator"].parent), *recipe.generator],
+    }
+    return commands, ck
+
+
+def ensure_corpus(corpus: Path, preset: str) -> None:
+    from mindhier.world.corpus import is_corpus
+
+    if is_corpus(corpus):
+        say(f"corpus: reusing {corpus}")
+        return
+    run_command(["corpus", "--preset", preset, "--out", str(corpus), "--quiet"])
+
+
+def release_stage(stage: str, ckpt: Path, folder: Path, corpus: Path, seconds: float | None, recipe: str) -> Path:
+    """Copy one stage's model tensors (bf16) and metadata into ``folder`` with its model card;
+    the stage's previous release files are replaced, other stages' are kept."""
+    from safetensors.torch import load_file, save_file
+
+    from mindhier.checkpoint import model_tensors
+    from mindhier.world.corpus import read_corpus_info
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, meta_path = paths_for(ckpt)
+    tensors = {k: v.to(RELEASE_DTYPE) if v.is_floating_point() else v
+               for k, v in model_tensors(load_file(str(weights))).items()}
+    meta = json.loads(meta_path.read_text())
+    meta.pop("optimizer", None)
+    corpus_info = read_corpus_info(corpus)
+    meta["released"] = {"dtype": str(RELEASE_DTYPE).replace("torch.", ""), "from": str(ckpt),
+                        "corpus": {**corpus_info["config"], "images_sha256": corpus_info["images_sha256"]},
+                        "train_seconds": seconds}
+    save_file(tensors, str(folder / f"{stage}.safetensors"), metadata={"kind": meta["kind"]})
+    (folder / f"{stage}.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    evaluation = ckpt.parent / "eval.json"
+    if evaluation.is_file():
+        shutil.copyfile(evaluation, folder / f"{stage}_eval.json")
+    (folder / f"{stage}.md").write_text(model_card(stage, meta, seconds, recipe, evaluation))
+    say(f"{stage}: released to {folder / stage}")
+    return folder / stage
+
+
+def model_card(stage: str, meta: dict, seconds: float | None, recipe: str, evaluation: Path) -> str:
+    corpus = meta["released"]["corpus"]
+    lines = [f"# mindhier foundation checkpoint: {stage}", "",
+             f"Trained by `mindhier pretrain --recipe {recipe} --stages {stage} --release` "
+             "(see `mindhier.pretrain.RECIPES`) on the pretraining corpus; no fMRI.", "",
+             f"- kind: `{meta.get('kind')}`, config hash `{meta.get('config_hash')}`",
+             f"- git commit: `{meta.get('git_commit')}`",
+             f"- corpus: {corpus['size']} images of {corpus['image_size']} px, seed {corpus['seed']}, "
+             f"images sha256 `{corpus['images_sha256'][:16]}…`",
+             f"- weights stored as {meta['released']['dtype']}",
+             f"- training time: {seconds:.0f} s on 2 CPU cores ({torch.get_num_threads()} threads)"
+             if seconds else "- training time: not recorded",
+             "", "## Config", "", "```json", json.dumps(meta.get("config"), indent=1, sort_keys=True), "```", ""]
+    if evaluation.is_file():
+        lines += ["## Held-out evaluation (as written by the training command)", "", "```json",
+                  evaluation.read_text().strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="demo", help="corpus and model sizes")
+    p.add_argument("--corpus", default=None, help="corpus folder (default: corpora/<recipe>; written if absent)")
+    p.add_argument("--world", default=None,
+                   help="the fMRI world whose test stimuli the reader is checked on (default: worlds/<recipe>)")
+    p.add_argument("--out", default="runs/pretrain", help="training runs (one folder per stage)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="which stages to run")
+    p.add_argument("--release", action="store_true", help="copy each finished stage into --checkpoints with a model card")
+    p.add_argument("--checkpoints", default="checkpoints/foundation", help="released foundation checkpoints folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = RECIPES[args.recipe]
+    corpus = Path(args.corpus or f"corpora/{recipe.corpus}")
+    world = Path(args.world or f"worlds/{recipe.world}")
+    timer = Timer()
+    timer.run("corpus", ensure_corpus, corpus, recipe.corpus)
+    ensure_world(world, recipe.world)
+    commands, ck = stage_commands(corpus, world, Path(args.out), recipe)
+    for stage in STAGES:
+        if stage not in args.stages:
+            continue
+        missing = [dep for dep in DEPENDS_ON[stage] if not paths_for(ck[dep])[1].exists()]
+        if missing:
+            raise PretrainError(f"{stage} needs the finished {', '.join(missing)} stage(s) first: add them to --stages")
+        run_stage(stage, commands[stage], ck[stage], {dep: ck[dep] for dep in DEPENDS_ON[stage]}, timer,
+                  resume_from=ck[stage].parent / RESUMABLE[stage])
+        if args.release:
+            release_stage(stage, ck[stage], Path(args.checkpoints), corpus, timer.seconds.get(f"train {stage}"),
+                          args.recipe)
+    say("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timer.seconds.items()))
+    return 0
+
