@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from mindhier.checkpoint import (load_checkpoint, load_state_strict, model_tensors, optimizer_from_tensors,
                                  optimizer_to_tensors, paths_for, save_checkpoint)
-from mindhier.config import get_preset, to_dict
+from mindhier.config import get_preset
 from mindhier.data import ImageStore
 from mindhier.data.manifest import data_manifest
 from mindhier.errors import MindhierError
