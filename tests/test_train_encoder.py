@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,7 +17,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mindhier.cli import main as cli_main
 from mindhier.data import layout
@@ -132,16 +134,41 @@ def test_loss_falls_and_checkpoint_is_complete(setup, tmp_path):
     assert cli(setup, out) == 2
 
 
-def test_interrupted_run_resumes_exactly(setup, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert cli(setup, straight, "--supervision", "final-only") == 0
-    # 6 steps per epoch: stop mid-epoch 1, then again mid-epoch 2, then finish
-    assert cli(setup, resumed, "--supervision", "final-only", "--stop-after", "4") == 0
+def mark_metrics(out: Path) -> None:
+    """Tag the records written so far, to tell them apart from those a later invocation writes."""
+    records = metrics(out)
+    (out / "metrics.jsonl").write_text("".join(json.dumps({**r, "earlier": True}) + "\n" for r in records))
+
+
+def perturb_weights(checkpoint: Path) -> None:
+    """Scale the saved model weights by 1.05 (optimizer and RNG state untouched)."""
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(checkpoint)
+    save_file({k: v * 1.05 if k.endswith("weight") and not k.startswith("optim.") else v
+               for k, v in tensors.items()}, str(checkpoint), metadata=metadata)
+
+
+def test_interrupted_run_resumes_exactly(setup, tmp_path, capsys):
+    """Default (hierarchical) supervision, 6 steps per epoch: stop mid-epoch 1 (step 4), again
+    mid-epoch 2 (step 9), then finish; the result is bit for bit the uninterrupted run's. A
+    fresh run is deterministic too, so the test also checks that each resumed invocation starts
+    where the last one stopped and that the result follows the saved weights."""
+    straight, resumed, perturbed = tmp_path / "straight", tmp_path / "resumed", tmp_path / "perturbed"
+    assert cli(setup, straight) == 0
+    assert cli(setup, resumed, "--stop-after", "4") == 0
     assert json.loads((resumed / "encoder.json").read_text())["progress"]["step"] == 4
-    assert cli(setup, resumed, "--supervision", "final-only", "--resume", "--stop-after", "5") == 0
-    assert cli(setup, resumed, "--supervision", "final-only", "--resume") == 0
+    shutil.copytree(resumed, perturbed)
+    capsys.readouterr()
+    assert cli(setup, resumed, "--resume", "--stop-after", "5") == 0
+    assert "at step 4/12" in capsys.readouterr().out
+    assert json.loads((resumed / "encoder.json").read_text())["progress"]["step"] == 9
+    assert [r["epoch"] for r in metrics(resumed)] == [1]   # this invocation ended epoch 1
+    mark_metrics(resumed)
+    assert cli(setup, resumed, "--resume") == 0
+    assert "at step 9/12" in capsys.readouterr().out
     a, b = metrics(straight), metrics(resumed)
-    assert [r["epoch"] for r in b] == [1, 2]
+    assert [(r["epoch"], r.get("earlier", False)) for r in b] == [(1, True), (2, False)]
     for ra, rb in zip(a, b):
         assert rb["train"]["loss"] == pytest.approx(ra["train"]["loss"], abs=1e-6)
         assert rb["test"] == ra["test"]
@@ -149,6 +176,12 @@ def test_interrupted_run_resumes_exactly(setup, tmp_path):
     for key in wa:
         if not key.startswith("rng."):
             torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=0, msg=key)
+
+    perturb_weights(perturbed / "encoder.safetensors")
+    assert cli(setup, perturbed, "--resume") == 0
+    assert metrics(perturbed)[0]["train"]["loss"] != a[0]["train"]["loss"]   # steps 5-6 ran on the saved weights
+    wc = load_file(perturbed / "encoder.safetensors")
+    assert not all(torch.equal(wa[key], wc[key]) for key in wa if not key.startswith("rng."))
 
 
 def test_single_feature_trains_exactly_like_final_only(setup, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mindhier.checkpoint import save_checkpoint
 from mindhier.cli import main as cli_main
@@ -85,17 +87,50 @@ def test_loss_falls_and_run_folder_is_complete(stack):
     assert tokens["tokens"].shape[1] == 1 + 4 + 9 + 16
 
 
-def test_resume_continues_exactly(stack):
-    straight, split = stack["root"] / "run_straight", stack["root"] / "run_split"
+def mark_log(out: Path) -> None:
+    """Tag the records written so far, to tell them apart from those a later invocation writes."""
+    records = read_log(out)
+    (out / "log.jsonl").write_text("".join(json.dumps({**r, "earlier": True}) + "\n" for r in records))
+
+
+def perturb_weights(checkpoint: Path) -> None:
+    """Scale the saved model weights by 1.05 (optimizer state untouched)."""
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(checkpoint))
+    save_file({k: v * 1.05 if k.endswith("weight") and not k.startswith("optim.") else v
+               for k, v in tensors.items()}, str(checkpoint), metadata=metadata)
+
+
+def test_resume_continues_exactly(stack, capsys):
+    """Stopping after 3 of 6 steps and resuming ends bit for bit where an uninterrupted run
+    ends. A fresh run is deterministic too, so the test also checks that the resumed invocation
+    starts at step 3 (it keeps the first invocation's log lines and writes only steps 4-6) and
+    that its result follows the saved weights (perturbed, they give another result)."""
+    root = stack["root"]
+    straight, split, perturbed = root / "run_straight", root / "run_split", root / "run_perturbed"
     assert cli_main(train_args(stack, straight, "--precision", "fp32")) == 0
     assert cli_main(train_args(stack, split, "--precision", "fp32", "--stop-after", "3")) == 0
     assert json.loads((split / "generator.json").read_text())["progress"]["step"] == 3
+    shutil.copytree(split, perturbed)
+    mark_log(split)
+    capsys.readouterr()
     assert cli_main(train_args(stack, split, "--precision", "fp32", "--resume")) == 0
+    assert "at step 3/6" in capsys.readouterr().out
+    log = read_log(split)
+    assert [(r["step"], r.get("earlier", False)) for r in log] == [(1, True), (2, True), (3, True),
+                                                                  (4, False), (5, False), (6, False)]
     a, b = load_file(str(straight / "generator.safetensors")), load_file(str(split / "generator.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(split)]
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in log]
+
+    perturb_weights(perturbed / "generator.safetensors")
+    assert cli_main(train_args(stack, perturbed, "--precision", "fp32", "--resume")) == 0
+    c = load_file(str(perturbed / "generator.safetensors"))
+    assert read_log(perturbed)[3]["loss"] != read_log(straight)[3]["loss"]   # step 4 ran on the saved weights
+    assert not all(torch.equal(a[key], c[key]) for key in a)
 
 
 def test_refuses_to_overwrite_or_resume_differently(stack, capsys):

@@ -2,12 +2,15 @@
 
 import argparse
 import json
+import shutil
 
 import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mindhier.errors import MindhierError
 from mindhier.tokenizer import load_tokenizer
@@ -50,16 +53,43 @@ def test_loss_falls_and_checkpoint_records_config_and_commit(image_root, tmp_pat
     assert -1 <= ev["pixcorr"] <= 1 and ev["num_images"] == 2 and len(ev["usage"]["used_fraction"]) == 4
 
 
+def mark_log(out) -> None:
+    """Tag the records written so far, to tell them apart from those a later invocation writes."""
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    (out / "log.jsonl").write_text("".join(json.dumps({**r, "earlier": True}) + "\n" for r in records))
+
+
+def perturb_weights(checkpoint) -> None:
+    """Scale the saved model weights by 1.05 (optimizer state untouched)."""
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(checkpoint))
+    save_file({k: v * 1.05 if k.endswith("weight") and not k.startswith("optim.") else v
+               for k, v in tensors.items()}, str(checkpoint), metadata=metadata)
+
+
 def test_resume_continues_exactly(image_root, tmp_path):
+    """Stopping after 6 of 10 steps and resuming ends bit for bit where an uninterrupted run
+    ends. A fresh run is deterministic too, so the test also checks that the resumed invocation
+    starts at step 6 (it keeps the first invocation's log lines and writes only steps 7-10) and
+    that its result follows the saved weights (perturbed, they give another result)."""
     full = run_cli(image_root, tmp_path / "full", "--steps", 10)
     run_cli(image_root, tmp_path / "split", "--steps", 10, "--stop-after", 6)
     assert not (tmp_path / "split" / "tokenizer.json").exists()  # unfinished: no final model yet
+    shutil.copytree(tmp_path / "split", tmp_path / "perturbed")
+    mark_log(tmp_path / "split")
     resumed = run_cli(image_root, tmp_path / "split", "--steps", 10, "--resume")
-    assert [r["step"] for r in resumed] == list(range(1, 11))
+    assert [(r["step"], r.get("earlier", False)) for r in resumed] == [(s, s <= 6) for s in range(1, 11)]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     a = load_tokenizer(tmp_path / "full" / "tokenizer").state_dict()
     b = load_tokenizer(tmp_path / "split" / "tokenizer").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    perturb_weights(tmp_path / "perturbed" / "last.safetensors")
+    other = run_cli(image_root, tmp_path / "perturbed", "--steps", 10, "--resume")
+    assert other[6]["loss"] != full[6]["loss"]   # step 7 ran on the saved weights
+    c = load_tokenizer(tmp_path / "perturbed" / "tokenizer").state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_refuses_to_overwrite_a_run(image_root, tmp_path):
