@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +102,47 @@ def test_reader_refuses_to_clobber_a_run(data, tmp_path, capsys):
     assert main(reader_args(data, out, steps=2)) == 0
     assert main(reader_args(data, out, steps=2)) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_attribute_table_marks_unreadable_attributes_everywhere(data, tmp_path):
+    import torch
+
+    from mindhier.data import ImageStore, SubjectIndex
+    from mindhier.report import format_value
+    from mindhier.world.corpus import world_labels
+    from mindhier.world.generate import read_world_info
+
+    out = tmp_path / "t"
+    assert main(reader_args(data, out, steps=30)) == 0
+    reader, _ = R.load_reader(out / "reader")
+    world = data["world"]
+    test = np.asarray(read_world_info(world)["test_images"])
+    labels = world_labels(world)
+    stimuli = torch.from_numpy(ImageStore(world).get(test))
+    train = np.unique(SubjectIndex(world, 1).train.image)
+    rows = {"grey pictures": torch.full_like(stimuli, 0.5), "the stimuli again": stimuli}
+    table = R.attribute_table(reader, stimuli, {k: v[test] for k, v in labels.items()},
+                              {k: v[train] for k, v in labels.items()}, rows)
+    names = [name for name, _ in table]
+    assert names == ["Stimuli themselves (reader ceiling)", "grey pictures", "the stimuli again",
+                     "Majority class (constant guess)"]
+    ceiling = table[0][1]
+    assert table[2][1]["main_colour"]["rate"] == ceiling["main_colour"]["rate"]
+    for _, row in table:
+        for k, r in row.items():
+            assert r["valid"] == (ceiling[k]["rate"] >= R.VALID_RATE)
+            assert r["low"] <= r["rate"] <= r["high"]
+    shown = format_value({"rate": 0.456, "low": 0.4, "high": 0.51, "valid": True}, "rate")
+    assert shown == "46% [40–51]"
+    assert format_value({"rate": 0.7, "low": 0.6, "high": 0.8, "valid": False}, "rate").startswith("not readable")
+
+
+def test_demo_picks_the_reader_only_where_it_fits(tmp_path):
+    from mindhier.demo import DEFAULT_READER, RECIPES, DemoError, world_reader
+
+    assert world_reader("none", RECIPES["demo"]) is None
+    with pytest.raises(DemoError, match="no checkpoint"):
+        world_reader(str(tmp_path / "absent"), RECIPES["demo"])
+    if (Path(DEFAULT_READER).with_suffix(".json")).exists():  # the released reader reads 64-px worlds only
+        assert world_reader(DEFAULT_READER, RECIPES["demo"]) == Path(DEFAULT_READER)
+        assert world_reader(DEFAULT_READER, RECIPES["tiny"]) is None

@@ -29,6 +29,7 @@ from mindhier.errors import MindhierError
 from mindhier.world.cli import print_summary
 
 STAGES = ("vision", "encoder", "tokenizer", "generator")
+DEFAULT_READER = "checkpoints/foundation/reader"  # released by `mindhier pretrain --stages reader --release`
 FROM_SCRATCH = "about 42 min on 2 idle CPU cores"   # measured for the `demo` recipe (README)
 # A stage is retrained whenever a checkpoint it was trained on changed.
 DEPENDS_ON = {"vision": (), "encoder": ("vision",), "tokenizer": (), "generator": ("encoder", "tokenizer")}
@@ -257,6 +258,24 @@ def check_same_data(encoder_ckpt: Path, world: Path, subject: int) -> None:
                         "or retrain with --from-scratch.")
 
 
+def world_reader(path: str, recipe: Recipe) -> Path | None:
+    """The reader checkpoint to use, if any: it must exist and read images of the recipe's world."""
+    if path == "none" or not paths_for(Path(path))[1].exists():
+        if path not in ("none", DEFAULT_READER):
+            raise DemoError(f"--reader {path}: no checkpoint {paths_for(Path(path))[1]}; train one with "
+                            "`mindhier pretrain --stages reader` or pass --reader none")
+        return None
+    from mindhier.world.config import PRESETS as WORLDS
+
+    size = read_metadata(Path(path)).get("config", {}).get("image_size")
+    if size != WORLDS[recipe.world].image_size:
+        if path == DEFAULT_READER:
+            return None  # the released reader reads the demo world's 64-px images, not the tiny world's
+        raise DemoError(f"--reader {path} reads {size}-px images; the {recipe.world!r} world's are "
+                        f"{WORLDS[recipe.world].image_size} px")
+    return Path(path)
+
+
 def reconstruct_argv(world: Path, subject: int, ck: dict[str, Path], out: Path, recipe: Recipe,
                      device: str = "auto") -> list[str]:
     return ["reconstruct", "--data", str(world), "--subject", str(subject),
@@ -374,6 +393,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release", action="store_true",
                    help="with --from-scratch: copy the trained weights into --checkpoints with model cards")
     p.add_argument("--limit", type=int, default=None, help="reconstruct only the first N test images")
+    p.add_argument("--reader", default=DEFAULT_READER,
+                   help="world reader checkpoint that reads what the reconstructions show (used when present; "
+                        "'none': the older linear probes)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
 
 
@@ -405,7 +427,8 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:  # overrides the recipe's
         argv = with_option(argv, "--limit", args.limit)
     timer.run("reconstruct", run_command, argv)
-    report = evaluate_and_report(world, args.subject, ck, recon_dir, out, recipe, timer, device=args.device)
+    report = evaluate_and_report(world, args.subject, ck, recon_dir, out, recipe, timer, device=args.device,
+                                 reader=world_reader(args.reader, recipe))
     if args.release:
         report["metrics"]["regression"] = regression_metrics(world, args.subject, ck, out / "regression", recipe,
                                                              args.device)

@@ -132,6 +132,38 @@ def attribute_rates(world: Path, subject: int, rows: dict, gts: torch.Tensor, im
     return table
 
 
+READER_COLUMNS = [
+    ("main_category", "main object: shape", "rate"),
+    ("main_colour", "main object: colour", "rate"),
+    ("main_cell", "main object: position (3×3)", "rate"),
+    ("background_kind", "background: kind", "rate"),
+    ("background_colour", "background: colour", "rate"),
+    ("present", "categories present (all)", "rate"),
+]
+READER_INTRO = (
+    "What a reconstruction shows, in the world's own terms: the share of test images whose attribute, "
+    "read from the reconstruction by the world reader (a CNN trained on the pretraining corpus with the "
+    "scene parameters as labels, `mindhier.world.reader`; it never saw a test image), is the stimulus's "
+    "true one, with its 95 % Wilson interval. The stimuli row is the reader's ceiling; an attribute it "
+    "reads from the stimuli below 90 % is shown as not readable. The majority row is a constant guess."
+)
+
+
+@torch.no_grad()
+def reader_attribute_rates(reader_path: Path, world: Path, subject: int, rows: dict, gts: torch.Tensor,
+                           image_index: np.ndarray, device: torch.device) -> list[tuple[str, dict]]:
+    """The attribute table read by the released world reader (see READER_INTRO)."""
+    from mindhier.data import SubjectIndex
+    from mindhier.world import reader as R
+    from mindhier.world.corpus import world_labels
+
+    reader, _ = R.load_reader(reader_path, device)
+    labels = world_labels(world)
+    train_ids = np.unique(SubjectIndex(world, subject).train.image)
+    return R.attribute_table(reader, gts, {k: v[image_index] for k, v in labels.items()},
+                             {k: v[train_ids] for k, v in labels.items()}, rows)
+
+
 def ridge_floor(world: Path, subject: int, image_index: np.ndarray, size: int) -> torch.Tensor:
     """Ridge from voxels to pixels: fit on training images (their trials' voxels averaged),
     penalty chosen by exact leave-one-out PixCorr, applied to the test images' averaged voxels."""
@@ -163,7 +195,9 @@ def _mean_rowcorr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, out: Path, recipe, timer,
-                        device: str = "auto") -> dict:
+                        device: str = "auto", reader: Path | None = None) -> dict:
+    """Score every row, read what it shows (the world reader when ``reader`` is given, else the
+    linear probes of `mindhier.world.attributes`) and write the report."""
     from mindhier.evaluate import evaluate_reconstructions
     from mindhier.metrics import offline_metrics, pixel_metrics
     from mindhier.report import write_report
@@ -196,8 +230,15 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
     for name, recons in rows.items():
         result = timer.run("evaluate", evaluate_reconstructions, recons.float(), gts, metrics=metrics, device=dev)
         scored[name] = result["values"]
-    shown = timer.run("attribute probes", attribute_rates, world, subject, rows, gts, image_index, tokenizer,
-                      vision, dev)
+    if reader is not None:
+        shown = timer.run("world reader", reader_attribute_rates, reader, world, subject, rows, gts, image_index, dev)
+        attribute_table = {"key": "attributes", "title": "What the reconstructions show", "intro": READER_INTRO,
+                           "rows": shown, "columns": READER_COLUMNS}
+    else:
+        shown = timer.run("attribute probes", attribute_rates, world, subject, rows, gts, image_index, tokenizer,
+                          vision, dev)
+        attribute_table = {"key": "attributes", "title": "What the reconstructions show", "intro": ATTRIBUTE_INTRO,
+                           "rows": shown, "columns": ATTRIBUTE_COLUMNS}
     n_show = min(recipe.report_images, len(gts))
     strips = _strips(recon_dir, image_index, recipe.strips)
     settings = {
@@ -222,8 +263,7 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
         settings=settings, metric_rows=list(scored.items()), columns=METRIC_COLUMNS,
         gt=gts[:n_show].numpy(), recon=rows[main_name][:n_show].float().numpy(),
         strips=strips, timings=timer.seconds, notes=notes,
-        extra_tables=[{"key": "attributes", "title": "What the reconstructions show", "intro": ATTRIBUTE_INTRO,
-                       "rows": shown, "columns": ATTRIBUTE_COLUMNS}],
+        extra_tables=[attribute_table],
     )
     stage_metrics = {"reconstruction": scored, "attributes": dict(shown)}
     return {"metrics": stage_metrics, "paths": paths}

@@ -59,6 +59,10 @@ def pairs_grid(gt: np.ndarray, recon: np.ndarray, per_row: int = 8, cell: int = 
 def format_value(value, kind: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
+    if kind == "rate":  # {rate, low, high, valid}: a world-reader rate with its 95 % interval
+        if not value.get("valid", True):
+            return f"not readable (reader {100 * value['rate']:.0f}% on stimuli)" if "rate" in value else "not readable"
+        return f"{100 * value['rate']:.0f}% [{100 * value['low']:.0f}–{100 * value['high']:.0f}]"
     if kind == "percent":
         return f"{100 * value:.2f}%"  # two decimals, as MindEye2 reports (e.g. 97.91)
     return f"{value:.3f}"

@@ -155,3 +155,18 @@ def load_reader(path, device="cpu") -> tuple[WorldReader, dict]:
     model = WorldReader(from_dict(ReaderConfig, meta["config"]))
     load_state_strict(model, model_tensors(tensors), path)
     return model.to(device).eval(), meta
+
+
+def attribute_table(reader: WorldReader, stimuli01: torch.Tensor, truth: dict[str, np.ndarray],
+                    train_truth: dict[str, np.ndarray], rows: dict[str, torch.Tensor]) -> list[tuple[str, dict]]:
+    """The report's "what the reconstructions show" table: per row, each attribute's rate with
+    its 95 % interval, read by ``reader``. The first row is the stimuli themselves (the reader's
+    ceiling); an attribute the reader reads from them below ``VALID_RATE`` is marked
+    ``valid: False`` in every row (shown as not readable, never as a result); the last row is
+    the majority guess."""
+    stim = rates(read(reader, stimuli01), truth)
+    valid = validity(stim)
+    table = [("Stimuli themselves (reader ceiling)", stim)]
+    table += [(name, rates(read(reader, images.float()), truth)) for name, images in rows.items()]
+    table.append(("Majority class (constant guess)", majority_rates(train_truth, truth)))
+    return [(name, {k: {**r, "valid": valid[k]} for k, r in row.items()}) for name, row in table]
