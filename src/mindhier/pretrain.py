@@ -118,6 +118,8 @@ def release_stage(stage: str, ckpt: Path, folder: Path, corpus: Path, seconds: f
                for k, v in model_tensors(load_file(str(weights))).items()}
     meta = json.loads(meta_path.read_text())
     meta.pop("optimizer", None)
+    if meta.get("train_seconds") is not None:  # the command's own total over all its resumed invocations
+        seconds = meta["train_seconds"]
     corpus_info = read_corpus_info(corpus)
     meta["released"] = {"dtype": str(RELEASE_DTYPE).replace("torch.", ""), "from": str(ckpt),
                         "corpus": {**corpus_info["config"], "images_sha256": corpus_info["images_sha256"]},

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     opt = common.adamw(model, args.lr, args.weight_decay)
     settings = {k: getattr(args, k) for k in ("steps", "batch", "lr", "weight_decay", "seed", "preset")}
     manifest = data_manifest(args.data, subjects=[])
-    step = _resume(last, model, opt, settings, manifest) if args.resume else 0
+    step, before = _resume(last, model, opt, settings, manifest) if args.resume else (0, 0.0)
     out.mkdir(parents=True, exist_ok=True)
     _trim_log(out / "log.jsonl", step)
     print(f"train-reader: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
@@ -115,15 +115,15 @@ def run(args: argparse.Namespace) -> int:
             _log(out, {"step": step + 1, "loss": round(float(loss.detach()), 5), "lr": opt.param_groups[0]["lr"], **acc})
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", shape=f"{acc['main_category']:.2f}")
         if (step + 1) % args.save_every == 0 and step + 1 < end:
-            _save(last, model, opt, step + 1, settings, manifest, with_optimizer=True)
+            _save(last, model, opt, step + 1, settings, manifest, with_optimizer=True,
+                  seconds=_total(before, started))
     step = end
-    seconds = time.time() - started
-    _save(last, model, opt, step, settings, manifest, with_optimizer=True)
+    seconds = _total(before, started)
+    _save(last, model, opt, step, settings, manifest, with_optimizer=True, seconds=seconds)
     if step < args.steps:
         print(f"train-reader: stopped at step {step}/{args.steps}; continue with --resume")
         return 0
-    _save(final, model, opt, step, {**settings, "train_seconds_last_run": round(seconds, 1)}, manifest,
-          with_optimizer=False)
+    _save(final, model, opt, step, settings, manifest, with_optimizer=False, seconds=seconds)
     report = evaluate(model, data, args.world)
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     for where in ("corpus_held_out", "world_test_stimuli"):
@@ -157,9 +157,15 @@ def evaluate(model: R.WorldReader, data: CorpusImages, world: str | None) -> dic
     return report
 
 
-def _save(path: Path, model, opt, step: int, settings: dict, manifest: dict, with_optimizer: bool) -> None:
+def _total(before: float | None, started: float) -> float | None:
+    """Training seconds over every invocation of the run (None once a part went unrecorded)."""
+    return None if before is None else round(before + time.time() - started, 1)
+
+
+def _save(path: Path, model, opt, step: int, settings: dict, manifest: dict, with_optimizer: bool,
+          seconds: float | None) -> None:
     tensors = dict(model.state_dict())
-    extra = {"step": step, "train": settings, "data_manifest": manifest}
+    extra = {"step": step, "train": settings, "data_manifest": manifest, "train_seconds": seconds}
     if with_optimizer:
         optim, info = optimizer_to_tensors(opt)
         tensors.update(optim)
@@ -177,7 +183,7 @@ def _resume(last: Path, model, opt, settings: dict, manifest: dict) -> int:
     load_state_strict(model, model_tensors(tensors), last)
     optimizer_from_tensors(opt, tensors, meta["optimizer"])
     print(f"resumed {paths_for(last)[1]} at step {meta['step']}", flush=True)
-    return int(meta["step"])
+    return int(meta["step"]), meta.get("train_seconds")
 
 
 def _trim_log(path: Path, step: int) -> None:
