@@ -50,20 +50,20 @@ def test_outputs_are_complete_and_independent_of_batch_size(trained):
 
 
 def test_best_of_n_is_labelled_and_keeps_single_shot(trained):
-    out = trained["root"] / "r_best"
+    out, plain_out = trained["root"] / "r_best", trained["root"] / "r_best_plain"
     assert cli_main(recon_args(trained, out, "--candidates", "3")) == 0
+    assert cli_main(recon_args(trained, plain_out, "--candidates", "1")) == 0
     best = load_file(str(out / "recons.safetensors"))
     single = load_file(str(out / "recons_single-shot.safetensors"))
-    plain = load_file(str(trained["root"] / "r1" / "recons.safetensors")) if (trained["root"] / "r1").exists() else None
+    plain = load_file(str(plain_out / "recons.safetensors"))
     settings = json.loads((out / "settings.json").read_text())
     assert settings["labels"] == ["single-shot", "best-of-3"] and settings["primary"] == "best-of-3"
     assert "predicted embedding" in settings["best_of_n_ranking"]
     chosen = [settings["chosen"][str(i)] for i in best["image_index"].tolist()]
-    for b, c in enumerate(chosen):
-        if c == 0:
-            assert torch.equal(best["recons"][b], single["recons"][b])
-    if plain is not None:   # candidate 0 of best-of-N is the single-shot run's image
-        assert torch.equal(plain["recons"], single["recons"])
+    assert len(chosen) == 5 and set(chosen) <= {0, 1, 2}
+    for b, c in enumerate(chosen):   # the best image is candidate 0's exactly when candidate 0 won
+        assert torch.equal(best["recons"][b], single["recons"][b]) == (c == 0), (b, c)
+    assert torch.equal(plain["recons"], single["recons"])   # candidate 0 of best-of-N is the single-shot image
 
 
 def test_misuse_fails_clearly(trained, capsys):

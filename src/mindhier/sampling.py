@@ -14,6 +14,8 @@ scale the decoder turns f̂ into the image.
 * Best-of-N (paper appendix E, after MindEye/MindBridge): N candidates per image ranked by the
   cosine similarity of their vision embedding to the encoder's *predicted* embedding — never to
   the ground-truth image. Single-shot (candidate 0) and best-of-N are both returned, labelled.
+* Decoded one image at a time: CPU convolution kernels (oneDNN) round differently for
+  different batch sizes (by ~1e-6), and an image must not depend on the batch it was drawn in.
 """
 
 from __future__ import annotations
@@ -176,8 +178,7 @@ def reconstruct(generator: ScaleAwareGenerator, tokenizer, cond: Condition, null
     rows = torch.arange(B, device=device).repeat_interleave(N)    # image of each (image, candidate)
     indices = sample_indices(generator, tokenizer, cond.take(rows),
                              None if null_cond is None else null_cond.take(rows), settings, rngs)
-    images = tokenizer.output_to_images01(tokenizer.indices_to_img(indices).float())
-    images = images.unflatten(0, (B, N))
+    images = decode_each(tokenizer, indices).unflatten(0, (B, N))
     per_image = [idx.unflatten(0, (B, N)) for idx in indices]
     out = Reconstructions(single_shot=images[:, 0], best_of_n=None, num_candidates=N)
     out.indices["single-shot"] = [idx[:, 0] for idx in per_image]
@@ -189,6 +190,19 @@ def reconstruct(generator: ScaleAwareGenerator, tokenizer, cond: Condition, null
         out.indices[f"best-of-{N}"] = [idx[pick, out.chosen] for idx in per_image]
     if return_cumulative:
         for label, idx in out.indices.items():
-            out.cumulative[label] = [tokenizer.output_to_images01(im.float())
-                                     for im in tokenizer.cumulative_images(idx)]
+            out.cumulative[label] = cumulative_each(tokenizer, idx)
     return out
+
+
+def decode_each(tokenizer, indices: list[torch.Tensor]) -> torch.Tensor:
+    """Token maps r_1..r_K (each (B, pn_k²)) → images (B, 3, H, W) in [0, 1], one image per
+    decoder pass so that no image depends on its batch (see the module docstring)."""
+    return torch.cat([tokenizer.output_to_images01(tokenizer.indices_to_img([r[b:b + 1] for r in indices]).float())
+                      for b in range(indices[0].shape[0])])
+
+
+def cumulative_each(tokenizer, indices: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The picture after every scale, K × (B, 3, H, W) in [0, 1], decoded one image at a time."""
+    per_image = [tokenizer.cumulative_images([r[b:b + 1] for r in indices]) for b in range(indices[0].shape[0])]
+    return [torch.cat([tokenizer.output_to_images01(steps[k].float()) for steps in per_image])
+            for k in range(len(indices))]
