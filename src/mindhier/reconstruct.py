@@ -12,7 +12,8 @@ Every image is seeded from (--seed, its image index, candidate), so the output d
 on --batch or on the number of processes. With --candidates N > 1 (paper: 4) each image gets N
 candidates ranked by the cosine similarity of their vision embedding to the encoder's
 *predicted* embedding (never the ground truth); both the single-shot (candidate 0) and the
-best-of-N results are written and labelled.
+best-of-N results are written and labelled. The command is a loop over
+:class:`mindhier.pipeline.Pipeline`: the same seeds give the same images from Python.
 
 OUT/recons.safetensors          key "recons": (N, 3, H, W) in [0, 1], ascending image index
                                 (best-of-N when N > 1; MindEye2-compatible), plus "image_index"
@@ -31,86 +32,15 @@ from pathlib import Path
 
 import torch
 
-from mindhier.checkpoint import load_checkpoint, load_state_strict, paths_for
-from mindhier.config import from_dict
 from mindhier.errors import MindhierError
-from mindhier.generator import GeneratorConfig, ScaleAwareGenerator
-from mindhier.runtime import autocast, bf16_is_fast, distributed_session
-from mindhier.sampling import Reconstructions, SamplingSettings, reconstruct
-
-GENERATOR_KIND = "generator"
-TRAINING_PREFIXES = ("optim.",)
-
-
-class MismatchError(MindhierError, ValueError):
-    """Checkpoints that were not trained together, or data of another subject."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The frozen stage-2 stack: encoder + tokenizer + generator, and whether they belong together
-# ---------------------------------------------------------------------------------------------
-
-def checkpoint_identity(meta: dict) -> dict:
-    """What identifies a checkpoint without hashing gigabytes: its kind, config hash, creation
-    time and code commit (all recorded in its JSON when it was written)."""
-    return {k: meta.get(k) for k in ("kind", "config_hash", "created", "git_commit")}
-
-
-def generator_config_for(base: GeneratorConfig, encoder, tokenizer, **changes) -> GeneratorConfig:
-    """``base`` with the interface fields taken from the frozen models: the tokenizer's schedule,
-    vocabulary and latent width; the encoder's level count, tokens per level and token width."""
-    return dataclasses.replace(
-        base, scales=tuple(tokenizer.scales), vocab_size=int(tokenizer.vocab_size),
-        z_channels=int(tokenizer.z_channels), context_dim=int(encoder.vision.feature_dim),
-        pooled_dim=int(encoder.vision.feature_dim), num_levels=int(encoder.cfg.num_levels),
-        tokens_per_level=int(encoder.vision.num_tokens), **changes)
-
-
-def load_generator(path, device="cpu") -> tuple[ScaleAwareGenerator, dict]:
-    """(generator in eval mode, metadata) from a ``mindhier train-generator`` checkpoint."""
-    tensors, meta = load_checkpoint(path, kind=GENERATOR_KIND)
-    model = ScaleAwareGenerator(from_dict(GeneratorConfig, meta["config"]))
-    load_state_strict(model, {k: v for k, v in tensors.items() if not k.startswith(TRAINING_PREFIXES)},
-                      paths_for(path)[0])
-    return model.to(device).eval(), meta
-
-
-def check_belongs(gen_meta: dict, enc_meta: dict, tok_meta: dict, paths: dict) -> None:
-    """Refuse an encoder or tokenizer other than the ones the generator was trained with."""
-    for role, meta in (("encoder", enc_meta), ("tokenizer", tok_meta)):
-        expected = gen_meta.get(role)
-        if expected is None:
-            continue
-        found = checkpoint_identity(meta)
-        if expected != found:
-            diffs = ", ".join(f"{k}: trained with {expected.get(k)!r}, given {found.get(k)!r}"
-                              for k in expected if expected.get(k) != found.get(k))
-            raise MismatchError(
-                f"{paths[role]} is not the {role} the generator {paths['generator']} was trained with "
-                f"({diffs}); pass the {role} checkpoint named in {paths_for(paths['generator'])[1]}")
-
-
-@torch.no_grad()
-def encode_conditions(encoder, generator: ScaleAwareGenerator, voxels: torch.Tensor):
-    """(condition, null condition, predicted image embedding) for a batch of voxels (B, V).
-
-    The null condition is the encoder's output for all-zero voxels (SPEC §5): the input the
-    generator saw for the 10 % of training samples whose voxels were dropped."""
-    from mindhier.encoder import predicted_embedding
-
-    out = encoder(voxels)
-    null = encoder(torch.zeros_like(voxels[:1]))
-    B = voxels.shape[0]
-    null_levels = [e.expand(B, -1, -1) for e in null.levels]
-    return (generator.condition([e.float() for e in out.levels]),
-            generator.condition([e.float() for e in null_levels]),
-            predicted_embedding(out).float())
-
-
-# ---------------------------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------------------------
-
+# The frozen stack lives in mindhier.pipeline; these names stay importable from here for the
+# training commands and the demo, which load a generator or check checkpoints the same way.
+from mindhier.pipeline import (  # noqa: F401
+    GENERATOR_KIND, TRAINING_PREFIXES, MismatchError, Pipeline, PipelineOutput, check_belongs, checkpoint_identity,
+    encode_conditions, generator_config_for, load_generator,
+)
+from mindhier.runtime import distributed_session
+from mindhier.sampling import SamplingSettings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,81 +73,50 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_stack(args, device):
-    from mindhier.encoder import load_encoder
-    from mindhier.tokenizer import load_tokenizer
+def _run(args, d) -> None:
+    from tqdm.auto import tqdm
 
-    generator, gen_meta = load_generator(args.generator, device)
-    _, enc_meta = load_checkpoint(args.encoder, kind="encoder")
-    _, tok_meta = load_checkpoint(args.tokenizer, kind="tokenizer")
-    check_belongs(gen_meta, enc_meta, tok_meta,
-                  {"encoder": args.encoder, "tokenizer": args.tokenizer, "generator": args.generator})
-    if int(enc_meta.get("subject", args.subject)) != args.subject:
-        raise MismatchError(f"{args.encoder} was trained on subject {enc_meta.get('subject')}, not --subject "
-                            f"{args.subject}; encoders are subject-specific")
     from mindhier.data import TestSet
 
-    test = TestSet(args.data, args.subject, policy="average")
-    encoder, _ = load_encoder(args.encoder, num_voxels=test.num_voxels, subject=args.subject, device=device)
-    tokenizer = load_tokenizer(args.tokenizer, device=device)
-    return generator, encoder, tokenizer, test, gen_meta, enc_meta
-
-
-def _vision_embedder(args, enc_meta, device):
-    from mindhier.vision import load_vision
-
-    path = args.vision or enc_meta.get("vision", {}).get("path")
-    if not path:
-        raise MindhierError("best-of-N needs the vision model to embed candidates and the encoder checkpoint "
-                            "names none: pass --vision (the model the encoder was trained against) or --candidates 1")
-    vision = load_vision(path, device=device).freeze()
-    return lambda images01: vision.image_embedding(images01.to(device))
-
-
-def _run(args, d) -> None:
     out = Path(args.out)
     if (out / "recons.safetensors").exists() and not args.force:
         raise MindhierError(f"{out / 'recons.safetensors'} exists; choose another --out or pass --force")
-    device = d.device
-    generator, encoder, tokenizer, test, gen_meta, enc_meta = _load_stack(args, device)
-    if args.precision != "fp32" and bf16_is_fast(device):
-        generator = generator.to(torch.bfloat16)   # cast once: autocast would re-cast every weight at every scale
+    pipeline = Pipeline.from_checkpoints(args.encoder, args.tokenizer, args.generator, vision=args.vision,
+                                         subject=args.subject, device=d.device, precision=args.precision)
+    test = TestSet(args.data, args.subject, policy="average")
+    pipeline.check_voxel_count(test.num_voxels, f"{args.data} (subject {args.subject})")
     settings = SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, cfg_off_from=args.cfg_off_from,
                                 seed=args.seed, num_candidates=args.candidates)
-    embed = _vision_embedder(args, enc_meta, device) if args.candidates > 1 else None
+    if args.candidates > 1:
+        pipeline.image_embedder()                          # no vision model: fail before sampling
     n = len(test) if args.limit is None else min(args.limit, len(test))
     mine = list(range(d.rank, n, d.world_size))           # shard by rank; seeds are per image
     results = {}
-    from tqdm.auto import tqdm
-
     batches = [mine[i:i + args.batch] for i in range(0, len(mine), args.batch)]
     for rows in tqdm(batches, desc="reconstruct", disable=not d.is_main, dynamic_ncols=True):
-        voxels = torch.stack([test[i]["voxels"] for i in rows]).to(device)
+        voxels = torch.stack([test[i]["voxels"] for i in rows])
         ids = [int(test.image_indices[i]) for i in rows]
-        with autocast(device, enabled=args.precision != "fp32"):
-            cond, null, predicted = encode_conditions(encoder, generator, voxels)
-            rec = reconstruct(generator, tokenizer, cond, null, settings, ids, predicted=predicted,
-                              embed_images=embed, return_cumulative=any(i < args.coarse_to_fine for i in rows))
-        results.update(_per_image(rec, rows, ids))
+        rec = pipeline(voxels, image_ids=ids, **dataclasses.asdict(settings), batch_size=len(rows),
+                       return_scales=any(i < args.coarse_to_fine for i in rows))
+        results.update(_per_image(rec, rows, args.coarse_to_fine))
     gathered = [results]
     if d.enabled:
         gathered = [None] * d.world_size
         torch.distributed.all_gather_object(gathered, results)
     if d.is_main:
         merged = {k: v for part in gathered for k, v in part.items()}
-        _write_outputs(out, merged, n, settings, args, gen_meta)
+        _write_outputs(out, merged, n, settings, args, pipeline.metadata["generator"])
 
 
-def _per_image(rec: Reconstructions, rows, ids) -> dict:
+def _per_image(rec: PipelineOutput, rows, coarse_to_fine: int) -> dict:
     """Plain CPU tensors per test row: what every rank sends to rank 0."""
     out = {}
-    for b, (row, image) in enumerate(zip(rows, ids)):
-        item = {"image_index": image, **{label: rec.by_label(label)[b].float().cpu() for label in rec.labels}}
-        if rec.cumulative:
-            primary = rec.labels[-1]
-            item["cumulative"] = torch.stack([step[b].float().cpu() for step in rec.cumulative[primary]])
+    for b, (row, image) in enumerate(zip(rows, rec.image_ids)):
+        item = {"image_index": image, "single-shot": rec.single_shot[b], rec.label: rec.images[b]}
+        if rec.scales is not None and row < coarse_to_fine:
+            item["cumulative"] = rec.scales[b]
         if rec.scores is not None:
-            item["scores"] = rec.scores[b].cpu().tolist()
+            item["scores"] = rec.scores[b].tolist()
             item["chosen"] = int(rec.chosen[b])
         out[row] = item
     return out
