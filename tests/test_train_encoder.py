@@ -1,5 +1,5 @@
 """`mindhier train-encoder` end to end on a small data folder it builds itself: loss falls,
-exact resume, 2-process DDP keeps ranks identical, and bad inputs fail clearly."""
+exact resume, 2-process DDP matches one process, and bad inputs fail clearly."""
 
 from __future__ import annotations
 
@@ -281,25 +281,63 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_gloo_processes_keep_parameters_identical(setup, tmp_path):
+def one_process_as_two_ranks(setup, out: Path, *extra: str) -> None:
+    """The 1-process reference for a 2-process run: it accumulates, step by step, exactly the
+    micro batches the 2 ranks hold (SoftCLIP's negatives are the other samples of a micro batch,
+    so the partition of the global batch, not only its samples, must be the same)."""
+    from mindhier.train import encoder as trainer
+    from mindhier.train.distributed import distributed_session
+
+    class AsTwoRanks(trainer.Trainer):
+        def _batches(self, epoch):
+            order = np.concatenate(super()._batches(epoch))         # the shuffled epoch, as 1 process reads it
+            per_step = order.reshape(self.steps_per_epoch, self.micro, 2)   # rank r reads every 2nd sample from r
+            return list(per_step.transpose(0, 2, 1).reshape(-1, self.micro))
+
     base, data, vision = setup
+    parser = trainer.argparse.ArgumentParser()
+    trainer.add_arguments(parser)
+    args = parser.parse_args(["--data", str(data), "--vision", str(vision), "--out", str(out), *extra,
+                              "--target-cache", str(base / "targets"), "--device", "cpu", "--max-micro-batch", "8"])
+    with distributed_session("cpu") as d:
+        trainer_ = AsTwoRanks(args, d)
+        assert (trainer_.micro, trainer_.accum) == (8, 2)
+        trainer_.fit()
+
+
+def test_two_gloo_processes_match_one(setup, tmp_path):
+    """One epoch on 2 gloo processes against one process on the same micro batches: the same
+    losses, weights and Adam moments (exp_avg and exp_avg_sq carry the gradients' scale, which
+    Adam's steps do not: summed instead of averaged gradients change the moments, not the
+    weights), and the ranks' parameters identical."""
+    base, data, vision = setup
+    common = ["--preset", "tiny", "--global-batch", "16", "--epochs", "1", "--lr", "3e-3", "--precision", "fp32"]
+    one_process_as_two_ranks(setup, tmp_path / "one", *common)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--data", str(data), "--vision", str(vision), "--out", str(out), "--preset", "tiny",
-           "--global-batch", "16", "--epochs", "1", "--lr", "3e-3", "--precision", "fp32",
+           "--data", str(data), "--vision", str(vision), "--out", str(out), *common,
            "--target-cache", str(base / "targets"), "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) x 8 x 1 accum" in proc.stdout
     r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert r0.keys() == r1.keys()
     for key in r0:
         torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)
-    saved = load_file(out / "encoder.safetensors")
-    torch.testing.assert_close(saved["fmri_pos"], r0["fmri_pos"], rtol=0, atol=0)
+
+    one, two = load_file(tmp_path / "one" / "encoder.safetensors"), load_file(out / "encoder.safetensors")
+    compared = [k for k in one if not k.startswith("rng.")]
+    assert set(compared) <= set(two)
+    assert sum(k.endswith(".exp_avg") for k in compared) == sum(k.endswith(".exp_avg_sq") for k in compared) > 0
+    for key in compared:
+        scale = one[key].abs().max().clamp_min(1e-12)
+        assert (one[key] - two[key]).abs().max() / scale < 1e-4, key
+    torch.testing.assert_close(two["fmri_pos"], r0["fmri_pos"], rtol=0, atol=0)
+    assert metrics(out)[0]["train"]["loss"] == pytest.approx(metrics(tmp_path / "one")[0]["train"]["loss"], rel=1e-5)
     meta = json.loads((out / "encoder.json").read_text())
     assert meta["progress"]["world_size"] == 2 and meta["progress"]["step"] == N_TRAIN // 16
-    assert {"rng.rank0.cpu", "rng.rank1.cpu"} <= set(saved)
+    assert {"rng.rank0.cpu", "rng.rank1.cpu"} <= set(two)
     assert len(metrics(out)) == 1  # rank 0 alone evaluates and logs
