@@ -7,18 +7,27 @@ random weights, bf16), with CFG at every scale and with CFG off for the last two
     python bench/bench_generator.py --encoder runs/encoder/encoder --tokenizer runs/tokenizer/tokenizer \\
         --generator runs/generator/generator --data worlds/demo --skip-paper
     python bench/bench_generator.py --skip-demo --paper-batch 2 --json bench_generator.json
+    python bench/bench_generator.py --write-results bench/results       # the files to commit
 
 Achieved FLOP/s count the generator's matrix products analytically (projections, attention
-scores and values, FFN, head; K/V of the context once per image) and are compared with the
-bf16 matmul peak measured in the same run. Timings are wall-clock medians of --repeats runs.
+scores and values, FFN, head; condition projection and K/V of the context once per image) and
+are compared with the bf16 matmul peak measured in the same run; tests/test_bench.py checks the
+count against torch's FlopCounterMode. Timings are wall-clock medians of --repeats runs.
+
+At the end the benchmark prints a markdown table of every run; --write-results DIR also writes
+it to DIR/NAME.md beside every figure in DIR/NAME.json (NAME: --results-name, by default the
+device and the date), so measured results are the benchmark's own output, not transcribed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -80,8 +89,9 @@ def scale_flops(cfg, si: int, rows: int) -> float:
 
 
 def cache_flops(cfg, rows: int) -> float:
-    """Cross-attention K/V of the whole context, every layer, once per sequence."""
-    return rows * cfg.depth * 2 * cfg.context_len * cfg.context_dim * 2 * cfg.width
+    """What sampling computes once per sequence: the condition projection (pooled → C) and the
+    cross-attention K/V of the whole context in every layer."""
+    return rows * (2 * cfg.pooled_dim * cfg.width + cfg.depth * 2 * cfg.context_len * cfg.context_dim * 2 * cfg.width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +209,60 @@ def print_result(r: dict, peak_bf16: float, peak_fp32: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The results as files: every figure (JSON) and the table this run prints (markdown)
+# ---------------------------------------------------------------------------------------------
+
+def cfg_label(r: dict) -> str:
+    return "every scale" if r["cfg_off_from"] is None else f"off from scale {r['cfg_off_from'] + 1}"
+
+
+def results_markdown(results: dict) -> str:
+    """The run's environment, peaks and one table row per setting, then the per-scale figures."""
+    env = results["environment"]
+    peak = results["peak_bf16"]
+    lines = [
+        "# Benchmark results", "",
+        f"Written by `bench/bench_generator.py` on {env['date']} (git {env['git_commit'][:12]}): "
+        f"torch {env['torch']}, {env['threads']} threads, device {env['device']} ({env['processor']}).", "",
+        "```bash", env["command"], "```", "",
+        f"Measured matmul peak ({env['matmul_n']}³): fp32 {results['peak_fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peak / 1e9:.1f} GFLOP/s. Seconds are for the whole batch except s / image.", "",
+        "| preset | batch | CFG | s / image | encoder | K/V cache | scales | decode | generator GFLOP/s | % of bf16 peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        t, rate = r["seconds"], r["generator_flop_per_s"]
+        lines.append(f"| {r['name']} | {r['batch']} | {cfg_label(r)} | {r['seconds_per_image']:.3f} | "
+                     f"{t['encoder']:.3f} | {t['kv_cache']:.3f} | {t['generator'] - t['kv_cache']:.3f} | "
+                     f"{t['decode']:.3f} | {rate / 1e9:.1f} | {100 * rate / peak:.1f} |")
+    lines += ["", "| preset | batch | CFG | seconds per scale | GFLOP/s per scale |", "|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['name']} | {r['batch']} | {cfg_label(r)} | "
+                     + " ".join(f"{x:.3f}" for x in r["seconds"]["scales"]) + " | "
+                     + " ".join(f"{f / 1e9:.0f}" for f in r["scale_flop_per_s"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment(args, argv: list[str], device: torch.device) -> dict:
+    from mindhier.checkpoint import git_commit
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M %z"), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": str(device),
+            "processor": platform.processor() or platform.machine(), "git_commit": git_commit(),
+            "matmul_n": args.matmul_n, "command": "python bench/bench_generator.py " + " ".join(argv)}
+
+
+def write_results(results: dict, folder: str | Path, name: str) -> tuple[Path, Path]:
+    """FOLDER/NAME.json (every figure) and FOLDER/NAME.md (the printed table)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / f"{name}.json", folder / f"{name}.md"
+    paths[0].write_text(json.dumps(results, indent=1, default=float) + "\n")
+    paths[1].write_text(results_markdown(results))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,13 +280,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-demo", action="store_true"), p.add_argument("--skip-paper", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write all figures to this file")
+    p.add_argument("--write-results", metavar="DIR", default=None,
+                   help="write DIR/NAME.json (all figures) and DIR/NAME.md (the printed table); "
+                        "bench/results is where committed results live")
+    p.add_argument("--results-name", default=None, help="NAME of those files (default: DEVICE_DATE_TIME)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     peak_fp32 = matmul_peak(torch.float32, args.matmul_n, device)
     peak_bf16 = matmul_peak(torch.bfloat16, args.matmul_n, device)
     print(f"matmul peak ({args.matmul_n}³): fp32 {peak_fp32 / 1e9:.1f} GFLOP/s, bf16 {peak_bf16 / 1e9:.1f} GFLOP/s")
-    results = {"peak_fp32": peak_fp32, "peak_bf16": peak_bf16, "runs": []}
+    results = {"environment": environment(args, argv, device), "peak_fp32": peak_fp32, "peak_bf16": peak_bf16,
+               "runs": []}
 
     def bf16():
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -245,9 +315,14 @@ def main(argv: list[str] | None = None) -> dict:
                 print_result(r, peak_bf16, peak_fp32)
                 results["runs"].append(r)
         del encoder, tokenizer, generator
+    print("\n" + results_markdown(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=float)
+    if args.write_results:
+        name = args.results_name or f"{device.type}_{time.strftime('%Y-%m-%d_%H%M')}"
+        for path in write_results(results, args.write_results, name):
+            print(f"wrote {path}")
     return results
 
 
