@@ -1,10 +1,12 @@
 """Pieces every training loop shares: optimiser groups, LR schedule, autocast, loss guard,
-progress bar, seeding."""
+progress bar, seeding, the JSON-lines log."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,3 +78,18 @@ def grad_norm(model: torch.nn.Module) -> float:
     if not grads:
         return 0.0
     return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+
+
+def trim_log(path, step: int) -> None:
+    """A fresh run starts its JSON-lines log anew; a resumed one drops the lines written after
+    the checkpoint it resumes (they will be redone)."""
+    path = Path(path)
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def append_log(out, record: dict) -> None:
+    """One record (a dict with "step") as a line of OUT/log.jsonl."""
+    with open(Path(out) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")

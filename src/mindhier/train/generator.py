@@ -381,7 +381,7 @@ class Trainer:
         a, d = self.args, self.d
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _trim_log(self.out / "log.jsonl", self.step)   # a fresh run starts it anew, a resumed one at its step
+            common.trim_log(self.out / "log.jsonl", self.step)   # a fresh run starts it anew, a resumed one at its step
             print(f"{self._describe_data()} | {a.preset} generator {self.model.num_params():,} "
                   f"params, routing {self.cfg.routing} {self.model.routing_table()} | {d.world_size} process(es) "
                   f"({a.parallel if d.enabled else 'single'}) x {self.micro} x {self.accum} accum = batch "
@@ -398,7 +398,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.3f}", lr=f"{lr:.2e}")
             if d.is_main:
-                _log(self.out, {"step": self.step, "lr": lr, "seconds": round(time.perf_counter() - started, 4), **stats})
+                common.append_log(self.out, {"step": self.step, "lr": lr, "seconds": round(time.perf_counter() - started, 4), **stats})
             done = self.step >= min(a.steps, stop_at)
             if done or (a.save_every and self.step % a.save_every == 0):
                 self._save()
@@ -473,13 +473,4 @@ def _metadata(path: Path) -> dict:
         return f.metadata() or {}
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Keep only the records up to ``step`` (later ones belong to an interrupted run)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
 
-
-def _log(out: Path, record: dict) -> None:
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = data_manifest(args.data, subjects=[])
     step, before = _resume(last, model, opt, settings, manifest) if args.resume else (0, 0.0)
     out.mkdir(parents=True, exist_ok=True)
-    _trim_log(out / "log.jsonl", step)
+    common.trim_log(out / "log.jsonl", step)
     print(f"train-reader: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
           f"{len(data.train)} train / {len(data.held_out)} held-out corpus images, batch {args.batch}", flush=True)
     end = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         opt.step()
         if (step + 1) % 25 == 0:
             acc = {k: round(float(v.mean()), 4) for k, v in R.hits(R.predictions(logits), {k: v.numpy() for k, v in y.items()}).items()}
-            _log(out, {"step": step + 1, "loss": round(float(loss.detach()), 5), "lr": opt.param_groups[0]["lr"], **acc})
+            common.append_log(out, {"step": step + 1, "loss": round(float(loss.detach()), 5), "lr": opt.param_groups[0]["lr"], **acc})
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", shape=f"{acc['main_category']:.2f}")
         if (step + 1) % args.save_every == 0 and step + 1 < end:
             _save(last, model, opt, step + 1, settings, manifest, with_optimizer=True,
@@ -186,12 +186,4 @@ def _resume(last: Path, model, opt, settings: dict, manifest: dict) -> int:
     return int(meta["step"]), meta.get("train_seconds")
 
 
-def _trim_log(path: Path, step: int) -> None:
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
 
-
-def _log(out: Path, record: dict) -> None:
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")

@@ -275,11 +275,6 @@ def prepare_out(out: Path, resume: bool, force: bool, create: bool = True) -> No
             (out / "log.jsonl").unlink(missing_ok=True)
 
 
-def trim_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be redone)."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 # ----------------------------------------------------------------------------- training
@@ -331,7 +326,8 @@ def _run(args: argparse.Namespace, d) -> int:
     if args.resume:
         step, window_hits = resume_state(out, model, opt, d.device, manifest)
         if d.is_main:
-            trim_log(out / "log.jsonl", step)
+            common.trim_log(out / "log.jsonl", step)
+            print(f"resumed {out / 'last.json'} at step {step}/{args.steps}", flush=True)
     ddp_model = model
     if d.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
@@ -374,7 +370,7 @@ def _run(args: argparse.Namespace, d) -> int:
         if d.is_main:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", used=f"{usage['used_overall']:.2f}" if usage else "-")
             if (step + 1) % args.log_every == 0 or step + 1 == end:
-                _log(out, {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()},
+                common.append_log(out, {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()},
                            "lr": opt.param_groups[0]["lr"], "usage": usage})
             if (step + 1) % args.save_every == 0 and step + 1 < end:
                 save_training_state(out, "last", model, opt, step + 1, window_hits, extra)
@@ -401,7 +397,3 @@ def _finish(out: Path, model, store, test_idx, device, args, extra: dict) -> Non
           f"SSIM {result['ssim']:.3f}  codebook used per scale {u['used_fraction']}  perplexity {u['perplexity']}")
     print(f"wrote {out / 'tokenizer.safetensors'} and {out / 'eval.json'}")
 
-
-def _log(out: Path, record: dict) -> None:
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
