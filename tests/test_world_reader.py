@@ -143,6 +143,16 @@ def test_demo_picks_the_reader_only_where_it_fits(tmp_path):
     assert world_reader("none", RECIPES["demo"]) is None
     with pytest.raises(DemoError, match="no checkpoint"):
         world_reader(str(tmp_path / "absent"), RECIPES["demo"])
-    if (Path(DEFAULT_READER).with_suffix(".json")).exists():  # the released reader reads 64-px worlds only
-        assert world_reader(DEFAULT_READER, RECIPES["demo"]) == Path(DEFAULT_READER)
-        assert world_reader(DEFAULT_READER, RECIPES["tiny"]) is None
+    released = Path(__file__).resolve().parents[1] / DEFAULT_READER  # committed with the code
+    assert world_reader(str(released), RECIPES["demo"]) == released
+    with pytest.raises(DemoError, match="reads 64-px images"):  # the released reader reads 64-px worlds only
+        world_reader(str(released), RECIPES["tiny"])
+
+
+def test_released_reader_loads_and_records_its_corpus():
+    released = Path(__file__).resolve().parents[1] / "checkpoints" / "foundation"
+    reader, meta = R.load_reader(released / "reader")
+    assert meta["released"]["corpus"] == {**meta["released"]["corpus"], "size": 100_000, "image_size": 64, "seed": 0}
+    assert meta["step"] == meta["train"]["steps"]
+    evaluation = json.loads((released / "reader_eval.json").read_text())
+    assert evaluation["valid"] == R.validity(evaluation["world_test_stimuli"])

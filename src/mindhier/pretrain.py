@@ -76,6 +76,11 @@ RECIPES: dict[str, PretrainRecipe] = {
 }
 
 
+# The reader is the instrument and small (0.8 M params): stored in float32, so the rates in its card
+# (computed by train-reader) are exactly those of the downloaded file (bf16 moved one test image of 300).
+RELEASE_DTYPES = {"reader": torch.float32}
+
+
 class PretrainError(MindhierError):
     pass
 
@@ -114,14 +119,14 @@ def release_stage(stage: str, ckpt: Path, folder: Path, corpus: Path, seconds: f
 
     folder.mkdir(parents=True, exist_ok=True)
     weights, meta_path = paths_for(ckpt)
-    tensors = {k: v.to(RELEASE_DTYPE) if v.is_floating_point() else v
-               for k, v in model_tensors(load_file(str(weights))).items()}
+    dtype = RELEASE_DTYPES.get(stage, RELEASE_DTYPE)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_tensors(load_file(str(weights))).items()}
     meta = json.loads(meta_path.read_text())
     meta.pop("optimizer", None)
     if meta.get("train_seconds") is not None:  # the command's own total over all its resumed invocations
         seconds = meta["train_seconds"]
     corpus_info = read_corpus_info(corpus)
-    meta["released"] = {"dtype": str(RELEASE_DTYPE).replace("torch.", ""), "from": str(ckpt),
+    meta["released"] = {"dtype": str(dtype).replace("torch.", ""), "from": str(ckpt),
                         "corpus": {**corpus_info["config"], "images_sha256": corpus_info["images_sha256"]},
                         "train_seconds": seconds}
     save_file(tensors, str(folder / f"{stage}.safetensors"), metadata={"kind": meta["kind"]})
@@ -144,7 +149,7 @@ def model_card(stage: str, meta: dict, seconds: float | None, recipe: str, evalu
              f"- corpus: {corpus['size']} images of {corpus['image_size']} px, seed {corpus['seed']}, "
              f"images sha256 `{corpus['images_sha256'][:16]}…`",
              f"- weights stored as {meta['released']['dtype']}",
-             f"- training time: {seconds:.0f} s on 2 CPU cores ({torch.get_num_threads()} threads)"
+             f"- training time: {seconds:.0f} s (the command's own total over its invocations)"
              if seconds else "- training time: not recorded",
              "", "## Config", "", "```json", json.dumps(meta.get("config"), indent=1, sort_keys=True), "```", ""]
     if evaluation.is_file():
