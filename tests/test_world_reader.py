@@ -134,7 +134,9 @@ def test_attribute_table_marks_unreadable_attributes_everywhere(data, tmp_path):
             assert r["low"] <= r["rate"] <= r["high"]
     shown = format_value({"rate": 0.456, "low": 0.4, "high": 0.51, "valid": True}, "rate")
     assert shown == "46% [40–51]"
-    assert format_value({"rate": 0.7, "low": 0.6, "high": 0.8, "valid": False}, "rate").startswith("not readable")
+    hidden = format_value({"rate": 0.1, "low": 0.05, "high": 0.2, "valid": False, "ceiling": 0.83}, "rate")
+    assert hidden == "not readable (reader 83% on stimuli)"  # the reader's ceiling, never the row's own rate
+    assert all(r["ceiling"] == ceiling[k]["rate"] for _, row in table for k, r in row.items())
 
 
 def test_demo_picks_the_reader_only_where_it_fits(tmp_path):

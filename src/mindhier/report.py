@@ -61,7 +61,8 @@ def format_value(value, kind: str) -> str:
         return "n/a"
     if kind == "rate":  # {rate, low, high, valid}: a world-reader rate with its 95 % interval
         if not value.get("valid", True):
-            return f"not readable (reader {100 * value['rate']:.0f}% on stimuli)" if "rate" in value else "not readable"
+            ceiling = value.get("ceiling")  # the reader's rate on the stimuli themselves
+            return "not readable" + (f" (reader {100 * ceiling:.0f}% on stimuli)" if ceiling is not None else "")
         return f"{100 * value['rate']:.0f}% [{100 * value['low']:.0f}–{100 * value['high']:.0f}]"
     if kind == "percent":
         return f"{100 * value:.2f}%"  # two decimals, as MindEye2 reports (e.g. 97.91)

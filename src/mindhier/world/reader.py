@@ -169,4 +169,5 @@ def attribute_table(reader: WorldReader, stimuli01: torch.Tensor, truth: dict[st
     table = [("Stimuli themselves (reader ceiling)", stim)]
     table += [(name, rates(read(reader, images.float()), truth)) for name, images in rows.items()]
     table.append(("Majority class (constant guess)", majority_rates(train_truth, truth)))
-    return [(name, {k: {**r, "valid": valid[k]} for k, r in row.items()}) for name, row in table]
+    return [(name, {k: {**r, "valid": valid[k], "ceiling": stim[k]["rate"]} for k, r in row.items()})
+            for name, row in table]
