@@ -98,9 +98,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start from a mindhier generator checkpoint, e.g. the foundation generator that "
                         "`pretrain-generator` trained on the corpus (its config is used; it must have been "
                         "pretrained on the encoder's vision model and layers and on --tokenizer)")
+    add_loop_arguments(p, sample_every=500, sample_what="test images")
+
+
+def add_loop_arguments(p: argparse.ArgumentParser, sample_every: int, sample_what: str) -> None:
+    """The flags of the stage-2 loop itself, shared with `pretrain-generator`."""
     p.add_argument("--parallel", default="fsdp", choices=("fsdp", "ddp"), help="multi-process strategy")
-    p.add_argument("--sample-every", type=int, default=500, help="write a sample grid every N steps (0: only at the end)")
-    p.add_argument("--sample-images", type=int, default=8, help="test images in the sample grid")
+    p.add_argument("--sample-every", type=int, default=sample_every,
+                   help="write a sample grid every N steps (0: only at the end)")
+    p.add_argument("--sample-images", type=int, default=8, help=f"{sample_what} in the sample grid")
     p.add_argument("--sample-cfg", type=float, default=3.0, help="CFG of the sample grid")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps in this invocation (then --resume)")

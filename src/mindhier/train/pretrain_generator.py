@@ -57,18 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the all-zero condition (CFG)")
-    p.add_argument("--parallel", default="fsdp", choices=("fsdp", "ddp"), help="multi-process strategy")
-    p.add_argument("--sample-every", type=int, default=1000, help="write a sample grid every N steps (0: only at the end)")
-    p.add_argument("--sample-images", type=int, default=8, help="held-out images in the sample grid")
-    p.add_argument("--sample-cfg", type=float, default=3.0, help="CFG of the sample grid")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after N steps in this invocation (then --resume)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32"), help="auto: bf16 autocast where fast")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-
+    stage2.add_loop_arguments(p, sample_every=1000, sample_what="held-out corpus images")
 
 def run(args: argparse.Namespace) -> int:
     # The stage-2 loop reads these; pretraining has no subject, no Switti init and tokenizes on the fly.
