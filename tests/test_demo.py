@@ -1,4 +1,5 @@
-"""The whole from-scratch demo on the tiny world, then the released-checkpoint path."""
+"""The whole demo on the tiny world from nothing (`--rebuild-foundation`: corpus, foundation
+models, then the fMRI stages), then the released-checkpoint path."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from mindhier import cli
-from mindhier.demo import DemoError, RECIPES, check_released_against_code
+from mindhier.demo import ROLES, DemoError, RECIPES, check_released_against_code, foundation_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -15,8 +16,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    argv = ["demo", "--recipe", "tiny", "--from-scratch", "--release", "--out", str(root / "run"),
-            "--world", str(root / "world"), "--checkpoints", str(root / "released")]
+    argv = ["demo", "--recipe", "tiny", "--from-scratch", "--rebuild-foundation", "--release",
+            "--out", str(root / "run"), "--world", str(root / "world"), "--checkpoints", str(root / "released"),
+            "--foundation", str(root / "foundation"), "--corpus", str(root / "corpus")]
     assert cli.main(argv) == 0
     return root
 
@@ -36,23 +38,31 @@ def test_report_files_and_metrics_in_range(tiny_demo):
             assert v is not None and math.isfinite(v), (name, key)
             low, high = (-1, 1) if key in ("pixcorr", "ssim") else (0, 2)
             assert low <= v <= high, (name, key, v)
-    assert set(report["timings"]) >= {"world", "train vision", "train encoder", "train tokenizer",
-                                       "train generator", "reconstruct"}
-    shown = report["attributes"]
-    assert {"Stimuli themselves (probe ceiling)", "Majority class (constant guess)"} <= set(shown)
+    assert set(report["timings"]) >= {"world", "pretrain", "train encoder", "train generator", "reconstruct"}
+    shown = report["attributes"]  # read by the world reader --rebuild-foundation trained
+    assert {"Stimuli themselves (reader ceiling)", "Majority class (constant guess)"} <= set(shown)
     assert set(rows) <= set(shown)
     for name, rates in shown.items():
-        assert set(rates) == {"main_category", "main_colour", "background_kind", "background_colour", "colours_both"}
-        assert all(0.0 <= v <= 1.0 for v in rates.values()), name
+        assert set(rates) == {"main_category", "main_colour", "main_cell", "background_kind",
+                              "background_colour", "present"}
+        assert all(0.0 <= r["low"] <= r["rate"] <= r["high"] <= 1.0 for r in rates.values()), name
     assert "What the reconstructions show" in (run / "report.md").read_text()
 
 
 def test_release_writes_model_cards_and_default_demo_uses_them(tiny_demo):
-    released = tiny_demo / "released"
-    for stage in ("vision", "encoder", "tokenizer", "generator"):
-        assert (released / f"{stage}.safetensors").is_file()
+    from mindhier.checkpoint import read_metadata
+
+    released, foundation = tiny_demo / "released", tiny_demo / "foundation"
+    for stage in ("encoder", "generator"):
         card = (released / f"{stage}.md").read_text()
         assert "config hash" in card and "git commit" in card and "## Data manifest" in card
+        assert read_metadata(released / stage)["released"]["foundation"]["vision"] == str(foundation / "vision")
+    for role in ("vision", "tokenizer"):  # the foundation models, byte for byte, with their cards
+        for suffix in (".safetensors", ".json", ".md"):
+            assert (released / f"{role}{suffix}").read_bytes() == (foundation / f"{role}{suffix}").read_bytes()
+    # stage 2 fine-tuned the released pretrained generator
+    gen = read_metadata(tiny_demo / "run" / "train" / "generator" / "generator")
+    assert gen["init"] == str(foundation / "generator"), gen.get("init")
     argv = ["demo", "--recipe", "tiny", "--out", str(tiny_demo / "again"), "--world",
             str(tiny_demo / "world"), "--checkpoints", str(released)]
     assert cli.main(argv) == 0
@@ -70,7 +80,7 @@ def test_released_regression_subset_reproduces_its_recorded_images_exactly(tiny_
 
     run = tiny_demo / "run"
     recorded = json.loads((tiny_demo / "released" / "metrics.json").read_text())["regression"]
-    ck = released_checkpoints(tiny_demo / "released", "tiny")
+    ck = released_checkpoints(tiny_demo / "released", RECIPES["tiny"])
     again = regression_metrics(tiny_demo / "world", 1, ck, tmp_path / "regression", RECIPES["tiny"])
     assert len(again["images"]) == REGRESSION_IMAGES and again["images"] == recorded["images"]
     assert (again["pixcorr"], again["ssim"]) == (recorded["pixcorr"], recorded["ssim"])
@@ -87,29 +97,53 @@ def test_from_scratch_rerun_reuses_finished_stages(tiny_demo, capsys):
     from mindhier.demo import Timer, train_stages
 
     timer = Timer()
-    train_stages(tiny_demo / "world", tiny_demo / "run" / "train", RECIPES["tiny"], 1, timer)
-    assert capsys.readouterr().out.count("reusing") == 4
+    base = foundation_checkpoints(tiny_demo / "foundation", RECIPES["tiny"])
+    train_stages(tiny_demo / "world", tiny_demo / "run" / "train", RECIPES["tiny"], 1, timer, base)
+    assert capsys.readouterr().out.count("reusing") == 2
 
 
-def test_a_changed_upstream_checkpoint_retrains_what_depends_on_it(tiny_demo, tmp_path, capsys):
+def copy_runs(tiny_demo, tmp_path):
+    """The demo's training runs and foundation folder, copied, with the stage markers naming the copies."""
     import shutil
 
+    runs, foundation = tmp_path / "train", tmp_path / "foundation"
+    shutil.copytree(tiny_demo / "run" / "train", runs)
+    shutil.copytree(tiny_demo / "foundation", foundation)
+    for marker in runs.glob("*/demo_stage.json"):
+        text = marker.read_text().replace(str(tiny_demo / "run" / "train"), str(runs))
+        marker.write_text(text.replace(str(tiny_demo / "foundation"), str(foundation)))
+    return runs, foundation
+
+
+def mark_changed(path):
+    meta = json.loads(path.read_text())
+    meta["created"] = "another time"  # as if it had been retrained since
+    path.write_text(json.dumps(meta))
+
+
+def test_a_changed_foundation_model_retrains_what_depends_on_it(tiny_demo, tmp_path, capsys):
     from mindhier.demo import Timer, train_stages
 
-    runs = tmp_path / "train"
-    shutil.copytree(tiny_demo / "run" / "train", runs)
-    for marker in runs.glob("*/demo_stage.json"):  # the copy's commands name the copy's folders
-        marker.write_text(marker.read_text().replace(str(tiny_demo / "run" / "train"), str(runs)))
-    meta_path = runs / "vision" / "vision.json"
-    meta = json.loads(meta_path.read_text())
-    meta["created"] = "another time"  # as if vision had been retrained since
-    meta_path.write_text(json.dumps(meta))
+    runs, foundation = copy_runs(tiny_demo, tmp_path)
     capsys.readouterr()
-    train_stages(tiny_demo / "world", runs, RECIPES["tiny"], 1, Timer())
+    train_stages(tiny_demo / "world", runs, RECIPES["tiny"], 1, Timer(), foundation_checkpoints(foundation, RECIPES["tiny"]))
+    assert capsys.readouterr().out.count("reusing") == 2  # the copy itself changes nothing
+    mark_changed(foundation / "generator.json")  # another pretrained generator: only stage 2 retrains
+    train_stages(tiny_demo / "world", runs, RECIPES["tiny"], 1, Timer(), foundation_checkpoints(foundation, RECIPES["tiny"]))
     out = capsys.readouterr().out
-    assert "vision: reusing" in out and "tokenizer: reusing" in out
-    assert "encoder: " in out and "encoder: reusing" not in out
-    assert "generator: reusing" not in out
+    assert "encoder: reusing" in out and "generator: reusing" not in out
+    mark_changed(foundation / "vision.json")  # another vision model: the encoder, hence stage 2 too
+    train_stages(tiny_demo / "world", runs, RECIPES["tiny"], 1, Timer(), foundation_checkpoints(foundation, RECIPES["tiny"]))
+    out = capsys.readouterr().out
+    assert "reusing" not in out and "encoder: " in out
+
+
+def test_missing_foundation_and_flag_misuse_are_refused_with_the_fix(tiny_demo, tmp_path):
+    with pytest.raises(DemoError, match="mindhier pretrain --recipe tiny --release"):
+        foundation_checkpoints(tmp_path / "nothing", RECIPES["tiny"])
+    argv = ["demo", "--recipe", "tiny", "--rebuild-foundation", "--out", str(tmp_path / "run"),
+            "--world", str(tiny_demo / "world")]
+    assert cli.main(argv) == 2
 
 
 def test_stale_released_checkpoint_is_refused_with_retrain_hint(tiny_demo, tmp_path):
@@ -120,9 +154,9 @@ def test_stale_released_checkpoint_is_refused_with_retrain_hint(tiny_demo, tmp_p
     meta = json.loads((folder / "tokenizer.json").read_text())
     meta["config"]["vocab_size"] += 1
     (folder / "tokenizer.json").write_text(json.dumps(meta))
-    ck = {s: folder / s for s in ("vision", "encoder", "tokenizer", "generator")}
+    ck = {s: folder / s for s in ROLES}
     with pytest.raises(DemoError, match="vocab_size.*\n.*--from-scratch|--from-scratch"):
-        check_released_against_code(ck, "tiny")
+        check_released_against_code(ck, RECIPES["tiny"])
 
 
 def test_without_released_checkpoints_the_demo_stops_after_the_world_and_says_how(tmp_path, capsys):

@@ -25,9 +25,11 @@ def test_pretrain_all_stages_release_and_reuse(tmp_path, capsys):
         assert "corpus: 600 images of 32 px, seed 0" in card and "training time:" in card
     assert "world_test_stimuli" in json.loads((released / "reader_eval.json").read_text())
     gen = read_metadata(released / "generator")
-    assert gen["pretrain"]["vision_path"].endswith("vision/vision")
+    # released, the generator is conditioned on the released (bf16) vision model the encoder will use
+    assert gen["pretrain"]["vision_path"] == str(released / "vision")
+    assert gen["tokenizer_path"] == str(released / "tokenizer")
     capsys.readouterr()
-    assert main(argv(tmp_path)) == 0  # second run: nothing retrained
+    assert main(argv(tmp_path, "--release")) == 0  # the same command again: nothing retrained
     out = capsys.readouterr().out
     assert out.count("reusing") == 6, out  # the corpus, the world and the four stages
 

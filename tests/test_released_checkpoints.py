@@ -30,13 +30,13 @@ pytestmark = [
 def released(tmp_path_factory):
     world = tmp_path_factory.mktemp("released") / "world"
     ensure_world(world, "demo")
-    ck = released_checkpoints(RELEASED, "demo")
+    ck = released_checkpoints(RELEASED, RECIPES["demo"])
     return world, ck
 
 
 def test_released_checkpoints_fit_the_code_and_the_world(released):
     world, ck = released
-    check_released_against_code(ck, "demo")
+    check_released_against_code(ck, RECIPES["demo"])
     check_same_data(ck["encoder"], world, 1)
     for stage in ck:
         card = (RELEASED / f"{stage}.md").read_text()

@@ -1,11 +1,19 @@
 """`mindhier demo`: the whole pipeline, offline, on the synthetic world, ending in a report.
 
-By default the demo uses the checkpoints this project releases (``checkpoints/demo``, trained
-by ``mindhier demo --from-scratch`` with this code): it checks that they match the code's
-configs, generates the world, reconstructs the held-out test images, evaluates and writes an
-HTML report — a few minutes on a laptop CPU. ``--from-scratch`` trains every stage itself
-(world → small CLIP → stage-1 encoder → tokenizer → stage-2 generator), reusing any stage whose
-output already exists with a matching config, then does the same.
+As in the paper, the vision model and the tokenizer are frozen foundation models and the
+generator starts from a pretrained one (CLIP ViT-L/14, VQVAE-Switti and Switti there; the
+models `mindhier pretrain` trains on the pretraining corpus here, released in
+``checkpoints/foundation``). Only the fMRI stages are the demo's own: the stage-1 encoder,
+aligned to the frozen vision model, and the stage-2 generator, fine-tuned from the pretrained
+one on the encoder's outputs.
+
+By default the demo uses the checkpoints this project releases (``checkpoints/demo`` beside
+``checkpoints/foundation``): it checks that they match the code's configs, generates the
+world, reconstructs the held-out test images, evaluates and writes an HTML report — a few
+minutes on a laptop CPU. ``--from-scratch`` trains the fMRI stages itself from the released
+foundation models, reusing any stage whose output already exists with a matching command and
+inputs; ``--from-scratch --rebuild-foundation`` first re-creates the foundation models too
+(`mindhier pretrain`: hours on a CPU).
 
 Every stage runs the very command a user would type (printed as it starts), so the demo
 doubles as a walk-through of the toolkit.
@@ -29,50 +37,45 @@ from mindhier.checkpoint import paths_for, read_metadata
 from mindhier.errors import MindhierError
 from mindhier.world.cli import print_summary
 
-STAGES = ("vision", "encoder", "tokenizer", "generator")
+STAGES = ("encoder", "generator")             # what the demo trains, on fMRI
+FOUNDATION = ("vision", "tokenizer", "generator")  # what it takes from `mindhier pretrain`
+ROLES = ("vision", "encoder", "tokenizer", "generator")  # the checkpoints a reconstruction uses
+DEFAULT_FOUNDATION = "checkpoints/foundation"
 DEFAULT_READER = "checkpoints/foundation/reader"  # released by `mindhier pretrain --stages reader --release`
-FROM_SCRATCH = "about 42 min on 2 idle CPU cores"   # measured for the `demo` recipe (README)
-# A stage is retrained whenever a checkpoint it was trained on changed.
-DEPENDS_ON = {"vision": (), "encoder": ("vision",), "tokenizer": (), "generator": ("encoder", "tokenizer")}
+FROM_SCRATCH = "about 40 min on 2 idle CPU cores"   # measured for the `demo` recipe (README)
+# A stage is retrained whenever a checkpoint it was trained on changed ("init": the pretrained generator).
+DEPENDS_ON = {"encoder": ("vision",), "generator": ("encoder", "tokenizer", "init")}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How much to train each stage: the only knobs that differ between demo sizes."""
+    """How much to train each fMRI stage, and which foundation recipe it builds on."""
 
     world: str
-    vision: tuple[str, ...]
+    foundation: str  # the `mindhier pretrain` recipe whose models are frozen / fine-tuned
     encoder: tuple[str, ...]
-    tokenizer: tuple[str, ...]
     generator: tuple[str, ...]
     reconstruct: tuple[str, ...] = ("--candidates", "4")
     report_images: int = 24
     strips: int = 4
 
 
-# `demo` is sized for 2 CPU cores (≤ 45 min from scratch; measured times are in the README).
-# Where the time goes, and why: the tokenizer's quality bounds everything downstream (1000 steps
-# reached PixCorr .64 and the generator then drew blobs; 2400 reach .85), and the generator
-# needs ~1500 steps before objects appear as coloured blobs in the right place. Stage 1 is
-# near its held-out plateau after 4 epochs. Sampling uses CFG 3, not the paper's 6: on this
-# small generator CFG 6 over-saturates (on an earlier, less noisy version of the world the main
-# object's colour was read back from 12 % of reconstructions at CFG 6 and 25 % at CFG 3; on this
-# one PixCorr is the same at both). `tiny` is what the test suite runs end to end.
+# `demo` is sized for 2 CPU cores (≤ 45 min from the foundation models; measured times are in
+# the README). Stage 1 is near its held-out plateau after 4 epochs. Stage 2 fine-tunes the
+# pretrained generator (which already draws from vision features) to the encoder's noisier
+# outputs. Sampling uses CFG 3, not the paper's 6: on this small generator CFG 6
+# over-saturates. `tiny` is what the test suite runs end to end.
 RECIPES: dict[str, Recipe] = {
     "demo": Recipe(
-        world="demo",
-        vision=("--preset", "demo", "--epochs", "3", "--global-batch", "64", "--lr", "1e-3"),
+        world="demo", foundation="demo",
         encoder=("--preset", "demo", "--epochs", "4", "--global-batch", "64", "--lr", "5e-4"),
-        tokenizer=("--preset", "demo", "--steps", "2400", "--global-batch", "16", "--lr", "2e-3"),
-        generator=("--preset", "demo", "--steps", "1500", "--global-batch", "32", "--lr", "1e-3",
+        generator=("--preset", "demo", "--steps", "1500", "--global-batch", "32", "--lr", "3e-4",
                    "--warmup", "50", "--sample-every", "300"),
         reconstruct=("--candidates", "2", "--limit", "100", "--cfg", "3"),
     ),
     "tiny": Recipe(
-        world="tiny",
-        vision=("--preset", "tiny", "--epochs", "2", "--global-batch", "32"),
+        world="tiny", foundation="tiny",
         encoder=("--preset", "tiny", "--epochs", "2", "--global-batch", "32", "--lr", "1e-3"),
-        tokenizer=("--preset", "tiny", "--steps", "30", "--global-batch", "16"),
         generator=("--preset", "tiny", "--steps", "30", "--global-batch", "16", "--lr", "1e-3",
                    "--warmup", "5"),
         reconstruct=("--candidates", "2", "--top-k", "0"),
@@ -137,23 +140,52 @@ def stage_checkpoint(run_dir: Path, stage: str) -> Path:
     return run_dir / stage / stage
 
 
-def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: Timer) -> dict[str, Path]:
-    """Train every stage, or reuse it: a stage whose ``demo_stage.json`` (written when its
-    command finished) records the same command and the same upstream checkpoints is reused; an
-    interrupted one is resumed; anything else is retrained from scratch."""
-    ck = {s: stage_checkpoint(runs, s) for s in STAGES}
+def foundation_checkpoints(folder: Path, recipe: Recipe) -> dict[str, Path]:
+    """The foundation models the recipe builds on (``vision``, ``tokenizer``, ``generator``:
+    the pretrained one), checked against this code's pretrain presets."""
+    ck = {s: folder / s for s in FOUNDATION}
+    missing = [s for s, p in ck.items() if not all(x.exists() for x in paths_for(p))]
+    if missing:
+        raise DemoError(f"foundation checkpoints missing in {folder}: {', '.join(missing)}. Create them with "
+                        f"`mindhier pretrain --recipe {recipe.foundation} --release --checkpoints {folder}` "
+                        "(hours on a CPU), or pass --rebuild-foundation")
+    check_released_against_code({"vision": ck["vision"], "tokenizer": ck["tokenizer"]}, recipe)
+    return ck
+
+
+def rebuild_foundation(world: Path, corpus: Path | None, runs: Path, recipe: Recipe, release_to: Path | None,
+                       timer: Timer) -> dict:
+    """``mindhier pretrain`` for the recipe (corpus, reader, vision, tokenizer, generator) into
+    ``runs``; released into ``release_to`` if given. Returns its checkpoints by role."""
+    from mindhier import pretrain
+
+    corpus = corpus or Path(f"corpora/{pretrain.RECIPES[recipe.foundation].corpus}")
+    args = argparse.Namespace(recipe=recipe.foundation, corpus=str(corpus), world=str(world), out=str(runs),
+                              stages=list(pretrain.STAGES), release=release_to is not None,
+                              checkpoints=str(release_to))
+    timer.run("pretrain", pretrain.run, args)
+    if release_to is not None:
+        return {s: release_to / s for s in (*FOUNDATION, "reader")}
+    return pretrain.stage_commands(corpus, world, runs, pretrain.RECIPES[recipe.foundation])[1]
+
+
+def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: Timer,
+                 foundation: dict[str, Path]) -> dict[str, Path]:
+    """Train the fMRI stages from the foundation models, or reuse them (see :func:`run_stage`).
+    Returns every checkpoint a reconstruction uses, by role."""
+    ck = {"vision": foundation["vision"], "tokenizer": foundation["tokenizer"],
+          **{s: stage_checkpoint(runs, s) for s in STAGES}}
     data = ["--data", str(world)]
     commands = {
-        "vision": ["train-vision", *data, "--out", str(ck["vision"].parent), *recipe.vision],
         "encoder": ["train-encoder", *data, "--subject", str(subject), "--vision", str(ck["vision"]),
                     "--out", str(ck["encoder"].parent), *recipe.encoder],
-        "tokenizer": ["train-tokenizer", *data, "--out", str(ck["tokenizer"].parent), *recipe.tokenizer],
         "generator": ["train-generator", *data, "--subject", str(subject), "--encoder", str(ck["encoder"]),
-                      "--tokenizer", str(ck["tokenizer"]), "--out", str(ck["generator"].parent),
-                      *recipe.generator],
+                      "--tokenizer", str(ck["tokenizer"]), "--init", str(foundation["generator"]),
+                      "--out", str(ck["generator"].parent), *recipe.generator],
     }
+    inputs = {**ck, "init": foundation["generator"]}
     for stage in STAGES:
-        run_stage(stage, commands[stage], ck[stage], {dep: ck[dep] for dep in DEPENDS_ON[stage]}, timer)
+        run_stage(stage, commands[stage], ck[stage], {dep: inputs[dep] for dep in DEPENDS_ON[stage]}, timer)
     return ck
 
 
@@ -183,15 +215,30 @@ def run_stage(stage: str, command: list[str], ckpt: Path, upstream: dict[str, Pa
 # Released checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def released_checkpoints(folder: Path, preset: str = "demo") -> dict[str, Path]:
-    """The released checkpoints, checked against this code (clear message if stale)."""
-    ck = {s: folder / s for s in STAGES}
+def released_checkpoints(folder: Path, recipe: Recipe) -> dict[str, Path]:
+    """The released checkpoints by role, checked against this code (clear message if stale)."""
+    ck = {s: folder / s for s in ROLES}
     missing = [s for s, p in ck.items() if not all(x.exists() for x in paths_for(p))]
     if missing:
         raise DemoError(f"released checkpoints missing in {folder}: {', '.join(missing)}. "
                         f"Train them with `mindhier demo --from-scratch` ({FROM_SCRATCH}).")
-    check_released_against_code(ck, preset)
+    check_released_against_code(ck, recipe)
     return ck
+
+
+def preset_of(argv: tuple[str, ...]) -> str:
+    """The ``--preset`` a stage's command line names."""
+    return argv[argv.index("--preset") + 1]
+
+
+def stage_presets(recipe: Recipe) -> dict[str, str]:
+    """The config preset each role is trained with under ``recipe`` (foundation ones from its
+    pretrain recipe)."""
+    from mindhier.pretrain import RECIPES as PRETRAIN
+
+    base = PRETRAIN[recipe.foundation]
+    return {"vision": preset_of(base.vision), "tokenizer": preset_of(base.tokenizer),
+            "encoder": preset_of(recipe.encoder), "generator": preset_of(recipe.generator)}
 
 
 # Config fields each training command derives from the data or from the other stages rather
@@ -201,13 +248,14 @@ DERIVED_FIELDS = {
     "encoder": set(),
     "tokenizer": set(),
     "generator": {"scales", "vocab_size", "z_channels", "context_dim", "pooled_dim", "num_levels",
-                  "tokens_per_level", "routing", "cond_drop_prob"},
+                  "tokens_per_level", "routing", "cond_drop_prob", "level_norm"},
 }
 
 
-def check_released_against_code(ck: dict[str, Path], preset: str = "demo") -> None:
-    """Each released checkpoint must have been trained from this code's ``demo`` preset, and
-    must load (strict keys and shapes) into the model this code builds from its config."""
+def check_released_against_code(ck: dict[str, Path], recipe: Recipe) -> None:
+    """Each released checkpoint must have been trained from the preset this code's ``recipe``
+    names for it, and must load (strict keys and shapes) into the model this code builds from
+    its config."""
     from mindhier.config import diff_configs, to_dict
     from mindhier.encoder import PRESETS as ENCODER
     from mindhier.generator import PRESETS as GENERATOR
@@ -215,9 +263,10 @@ def check_released_against_code(ck: dict[str, Path], preset: str = "demo") -> No
     from mindhier.vision.small_clip import PRESETS as VISION
 
     presets = {"vision": VISION, "encoder": ENCODER, "tokenizer": TOKENIZER, "generator": GENERATOR}
+    names = stage_presets(recipe)
     problems = []
     for stage, path in ck.items():
-        expected = presets[stage][preset]
+        expected = presets[stage][names[stage]]
         # a field added after the checkpoint was written reads as its default (what the older code did)
         defaults = {f.name: f.default for f in dataclasses.fields(expected) if f.default is not dataclasses.MISSING}
         found = {**json.loads(json.dumps(defaults)), **read_metadata(path).get("config", {})}
@@ -227,7 +276,7 @@ def check_released_against_code(ck: dict[str, Path], preset: str = "demo") -> No
             problems.append(f"{stage} ({paths_for(path)[1]}):\n    " + "\n    ".join(diffs[:6]))
     if problems:
         raise DemoError("the released checkpoints were trained with other configs than this code's "
-                        f"`{preset}` presets:\n  " + "\n  ".join(problems)
+                        f"presets for the {recipe.world!r} demo:\n  " + "\n  ".join(problems)
                         + f"\nRetrain them: `mindhier demo --from-scratch --release` ({FROM_SCRATCH}).")
     load_all(ck)
 
@@ -239,10 +288,11 @@ def load_all(ck: dict[str, Path]) -> None:
     from mindhier.tokenizer import load_tokenizer
     from mindhier.vision import load_vision
 
-    for stage, loader in (("vision", load_vision), ("encoder", load_encoder),
-                          ("tokenizer", load_tokenizer), ("generator", load_generator)):
+    loaders = {"vision": load_vision, "encoder": load_encoder, "tokenizer": load_tokenizer,
+               "generator": load_generator}
+    for stage, path in ck.items():
         try:
-            loader(ck[stage])
+            loaders[stage](path)
         except MindhierError as err:
             raise DemoError(f"released {stage} checkpoint does not fit this code: {err}\n"
                             "Retrain them: `mindhier demo --from-scratch --release`.") from err
@@ -326,7 +376,10 @@ RELEASE_DTYPE = torch.bfloat16  # halves the committed size (≤ 50 MB in all); 
 
 
 def release(ck: dict[str, Path], folder: Path) -> dict[str, Path]:
-    """Copy the trained weights (model tensors only, stored in bf16) with their metadata.
+    """Write the demo's complete pipeline folder: the fMRI stages' trained weights (model tensors
+    only, stored in bf16) with their metadata, beside byte-for-byte copies of the foundation
+    vision model and tokenizer they were trained on (with their cards; git stores an identical
+    file once), so ``Pipeline.from_pretrained(folder)`` needs nothing else.
 
     The demo then reconstructs and evaluates with these released files, so the metrics written
     into the model cards are those of exactly the weights a user downloads."""
@@ -337,23 +390,28 @@ def release(ck: dict[str, Path], folder: Path) -> dict[str, Path]:
     if folder.exists():
         shutil.rmtree(folder)  # replace the whole release: no stale stage survives
     folder.mkdir(parents=True)
-    released = {}
-    for stage, path in ck.items():
-        weights, meta_path = paths_for(path)
+    foundation = {role: str(ck[role]) for role in ("vision", "tokenizer")}
+    for role, path in foundation.items():
+        for source in (*paths_for(Path(path)), Path(path).with_suffix(".md")):
+            if source.is_file():
+                shutil.copyfile(source, folder / f"{role}{source.suffix}")
+    for stage in STAGES:
+        weights, meta_path = paths_for(ck[stage])
         tensors = {k: v.to(RELEASE_DTYPE) if v.is_floating_point() else v
                    for k, v in model_tensors(load_file(str(weights))).items()}
         meta = json.loads(meta_path.read_text())
         meta.pop("optimizer", None)
-        meta["released"] = {"dtype": str(RELEASE_DTYPE).replace("torch.", ""), "from": str(path)}
+        meta["released"] = {"dtype": str(RELEASE_DTYPE).replace("torch.", ""), "from": str(ck[stage]),
+                            "foundation": foundation}
         save_file(tensors, str(folder / f"{stage}.safetensors"), metadata={"kind": meta["kind"]})
         (folder / f"{stage}.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        released[stage] = folder / stage
     say(f"released checkpoints written to {folder}")
-    return released
+    return {role: folder / role for role in ROLES}
 
 
 def write_model_cards(ck: dict[str, Path], timings: dict[str, float], metrics: dict, recipe_name: str) -> None:
-    for stage, path in ck.items():
+    for stage in STAGES:
+        path = ck[stage]
         meta = read_metadata(path)
         card = model_card(stage, meta, timings.get(f"train {stage}"), metrics, recipe_name)
         paths_for(path)[0].with_suffix(".md").write_text(card)
@@ -369,6 +427,8 @@ def model_card(stage: str, meta: dict, seconds: float | None, metrics: dict, rec
              f"- git commit: `{meta.get('git_commit')}`",
              f"- data: synthetic world {json.dumps(manifest.get('world'))}, subjects {manifest.get('subjects')}",
              f"- weights stored as {meta.get('released', {}).get('dtype', 'float32')}",
+             f"- foundation models (frozen vision and tokenizer; stage 2 fine-tunes the pretrained generator): "
+             f"{json.dumps(meta.get('released', {}).get('foundation'))}",
              f"- training time: {seconds:.0f} s on 2 CPU cores" if seconds else "- training time: not recorded",
              "", "## Config", "", "```json", json.dumps(meta.get("config"), indent=1, sort_keys=True), "```", "",
              "## Held-out metrics of the whole pipeline with these released weights", "",
@@ -392,10 +452,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="demo", help="demo size")
     p.add_argument("--subject", type=int, default=1, help="NSD subject number")
     p.add_argument("--from-scratch", action="store_true",
-                   help="train every stage here instead of using the released checkpoints")
+                   help="train the fMRI stages (encoder, generator fine-tune) here from the foundation "
+                        f"models instead of using the released checkpoints ({FROM_SCRATCH})")
+    p.add_argument("--rebuild-foundation", action="store_true",
+                   help="with --from-scratch: first re-create the foundation models too (`mindhier pretrain`: "
+                        "corpus, reader, small CLIP, tokenizer, pretrained generator; hours on a CPU)")
+    p.add_argument("--corpus", default=None,
+                   help="with --rebuild-foundation: the pretraining corpus folder (default: corpora/<recipe>; "
+                        "written if absent)")
     p.add_argument("--checkpoints", default="checkpoints/demo", help="released checkpoints folder")
+    p.add_argument("--foundation", default=DEFAULT_FOUNDATION,
+                   help="released foundation checkpoints folder (vision, tokenizer, pretrained generator)")
     p.add_argument("--release", action="store_true",
-                   help="with --from-scratch: copy the trained weights into --checkpoints with model cards")
+                   help="with --from-scratch: copy the trained weights into --checkpoints with model cards "
+                        "(with --rebuild-foundation, the foundation models into --foundation as well)")
     p.add_argument("--limit", type=int, default=None, help="reconstruct only the first N test images")
     p.add_argument("--reader", default=DEFAULT_READER,
                    help="world reader checkpoint that reads what the reconstructions show (used when present; "
@@ -409,22 +479,32 @@ def run(args: argparse.Namespace) -> int:
     recipe = RECIPES[args.recipe]
     world = Path(args.world or f"worlds/{recipe.world}")
     out = Path(args.out)
+    if args.release and not args.from_scratch:
+        raise DemoError("--release needs --from-scratch (it publishes freshly trained weights)")
+    if args.rebuild_foundation and not args.from_scratch:
+        raise DemoError("--rebuild-foundation needs --from-scratch (the released fMRI stages were trained on "
+                        "the released foundation models)")
     timer = Timer()
     timer.run("world", ensure_world, world, recipe.world)
     print_summary(world)
-    if args.release and not args.from_scratch:
-        raise DemoError("--release needs --from-scratch (it publishes freshly trained weights)")
+    reader = args.reader
     if args.from_scratch:
-        ck = train_stages(world, out / "train", recipe, args.subject, timer)
+        if args.rebuild_foundation:
+            base = rebuild_foundation(world, args.corpus and Path(args.corpus), out / "train" / "pretrain", recipe,
+                                      Path(args.foundation) if args.release else None, timer)
+            reader = str(base["reader"]) if args.reader == DEFAULT_READER else args.reader
+        else:
+            base = foundation_checkpoints(Path(args.foundation), recipe)
+        ck = train_stages(world, out / "train", recipe, args.subject, timer, base)
         if args.release:
             ck = release(ck, Path(args.checkpoints))
     elif not Path(args.checkpoints).exists():
         say(f"this version ships no released checkpoints ({args.checkpoints} is absent), so the demo stops "
-            "after the world. Train every stage here with `bash scripts/demo.sh --from-scratch` "
+            "after the world. Train the fMRI stages here with `bash scripts/demo.sh --from-scratch` "
             f"({FROM_SCRATCH}); it ends with the same report.")
         return 0
     else:
-        ck = released_checkpoints(Path(args.checkpoints), recipe.world)
+        ck = released_checkpoints(Path(args.checkpoints), recipe)
         check_same_data(ck["encoder"], world, args.subject)
     recon_dir = out / "reconstruct"
     argv = reconstruct_argv(world, args.subject, ck, recon_dir, recipe, args.device)
@@ -432,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
         argv = with_option(argv, "--limit", args.limit)
     timer.run("reconstruct", run_command, argv)
     report = evaluate_and_report(world, args.subject, ck, recon_dir, out, recipe, timer, device=args.device,
-                                 reader=world_reader(args.reader, recipe))
+                                 reader=world_reader(reader, recipe))
     if args.release:
         report["metrics"]["regression"] = regression_metrics(world, args.subject, ck, out / "regression", recipe,
                                                              args.device)

@@ -58,12 +58,12 @@ class PretrainRecipe:
 RECIPES: dict[str, PretrainRecipe] = {
     "demo": PretrainRecipe(
         corpus="demo", world="demo",
-        reader=("--preset", "demo", "--steps", "2000", "--batch", "128", "--lr", "2e-3", "--save-every", "250"),
+        reader=("--preset", "demo", "--steps", "8000", "--batch", "128", "--lr", "2e-3", "--save-every", "250"),
         vision=("--preset", "demo", "--epochs", "2", "--global-batch", "128", "--lr", "1e-3"),
         tokenizer=("--preset", "foundation", "--steps", "6000", "--global-batch", "16", "--lr", "2e-3",
                    "--save-every", "250"),
-        generator=("--preset", "demo", "--steps", "6000", "--global-batch", "32", "--lr", "1e-3",
-                   "--warmup", "100", "--save-every", "250", "--sample-every", "1000"),
+        generator=("--preset", "demo", "--steps", "3000", "--global-batch", "32", "--lr", "1e-3",
+                   "--warmup", "100", "--save-every", "250", "--sample-every", "500"),
     ),
     "tiny": PretrainRecipe(
         corpus="tiny", world="tiny",
@@ -85,17 +85,20 @@ class PretrainError(MindhierError):
     pass
 
 
-def stage_commands(corpus: Path, world: Path, runs: Path, recipe: PretrainRecipe) -> tuple[dict, dict]:
-    """(command per stage, final checkpoint per stage)."""
+def stage_commands(corpus: Path, world: Path, runs: Path, recipe: PretrainRecipe,
+                   frozen: dict[str, Path] | None = None) -> tuple[dict, dict]:
+    """(command per stage, final checkpoint per stage). ``frozen``: the vision model and
+    tokenizer the generator is conditioned on and tokenized by (default: those trained in ``runs``)."""
     ck = {"reader": runs / "reader" / "reader", "vision": runs / "vision" / "vision",
           "tokenizer": runs / "tokenizer" / "tokenizer", "generator": runs / "generator" / "generator"}
+    frozen = {**ck, **(frozen or {})}
     data = ["--data", str(corpus)]
     commands = {
         "reader": ["train-reader", *data, "--world", str(world), "--out", str(ck["reader"].parent), *recipe.reader],
         "vision": ["train-vision", *data, "--out", str(ck["vision"].parent), *recipe.vision],
         "tokenizer": ["train-tokenizer", *data, "--out", str(ck["tokenizer"].parent), *recipe.tokenizer],
-        "generator": ["pretrain-generator", *data, "--vision", str(ck["vision"]), "--tokenizer", str(ck["tokenizer"]),
-                      "--out", str(ck["generator"].parent), *recipe.generator],
+        "generator": ["pretrain-generator", *data, "--vision", str(frozen["vision"]),
+                      "--tokenizer", str(frozen["tokenizer"]), "--out", str(ck["generator"].parent), *recipe.generator],
     }
     return commands, ck
 
@@ -176,18 +179,24 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
     timer.run("corpus", ensure_corpus, corpus, recipe.corpus)
     ensure_world(world, recipe.world)
-    commands, ck = stage_commands(corpus, world, Path(args.out), recipe)
+    # Released, the generator is pretrained on the released vision model and tokenizer (bf16), the
+    # very files the fMRI stages then use: its record of them must match theirs.
+    released = Path(args.checkpoints)
+    frozen = {s: released / s for s in DEPENDS_ON["generator"]} if args.release else None
+    commands, ck = stage_commands(corpus, world, Path(args.out), recipe, frozen)
+    inputs = {**ck, **(frozen or {})}
     for stage in STAGES:
         if stage not in args.stages:
             continue
-        missing = [dep for dep in DEPENDS_ON[stage] if not paths_for(ck[dep])[1].exists()]
+        missing = [dep for dep in DEPENDS_ON[stage] if not paths_for(inputs[dep])[1].exists()]
         if missing:
-            raise PretrainError(f"{stage} needs the finished {', '.join(missing)} stage(s) first: add them to --stages")
-        run_stage(stage, commands[stage], ck[stage], {dep: ck[dep] for dep in DEPENDS_ON[stage]}, timer,
+            where = f" released in {released}" if args.release else ""
+            raise PretrainError(f"{stage} needs the finished{where} {', '.join(missing)} stage(s) first: "
+                                "add them to --stages")
+        run_stage(stage, commands[stage], ck[stage], {dep: inputs[dep] for dep in DEPENDS_ON[stage]}, timer,
                   resume_from=ck[stage].parent / RESUMABLE[stage])
         if args.release:
-            release_stage(stage, ck[stage], Path(args.checkpoints), corpus, timer.seconds.get(f"train {stage}"),
-                          args.recipe)
+            release_stage(stage, ck[stage], released, corpus, timer.seconds.get(f"train {stage}"), args.recipe)
     say("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timer.seconds.items()))
     return 0
 
