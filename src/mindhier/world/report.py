@@ -57,7 +57,7 @@ class Ridge:
             keep = s2 > 1e-9 * s2.max()
             u = u[:, keep]
         self.xc, self.u, self.s2 = xc, u, s2[keep]
-        self.scale = float(self.s2.mean())
+        self.scale = float(self.s2.mean()) if self.s2.size else 1.0  # all-constant features: no directions
 
     def _penalty(self, relative_alpha: float) -> float:
         return relative_alpha * self.scale
