@@ -24,6 +24,9 @@ def test_pretrain_all_stages_release_and_reuse(tmp_path, capsys):
         card = (released / f"{stage}.md").read_text()
         assert "corpus: 600 images of 32 px, seed 0" in card and "training time:" in card
     assert "world_test_stimuli" in json.loads((released / "reader_eval.json").read_text())
+    probe = json.loads((released / "vision_probe.json").read_text())  # probe-vision ran on every layer
+    assert set(probe["rates"]) >= {"layer 1", "embedding", "majority guess"}
+    assert "What each layer carries" in (released / "vision.md").read_text()
     gen = read_metadata(released / "generator")
     # released, the generator is conditioned on the released (bf16) vision model the encoder will use
     assert gen["pretrain"]["vision_path"] == str(released / "vision")

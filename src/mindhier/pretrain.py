@@ -134,15 +134,17 @@ def release_stage(stage: str, ckpt: Path, folder: Path, corpus: Path, seconds: f
                         "train_seconds": seconds}
     save_file(tensors, str(folder / f"{stage}.safetensors"), metadata={"kind": meta["kind"]})
     (folder / f"{stage}.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    evaluation = ckpt.parent / "eval.json"
+    evaluation, probe = ckpt.parent / "eval.json", ckpt.parent / "probe"
     if evaluation.is_file():
         shutil.copyfile(evaluation, folder / f"{stage}_eval.json")
-    (folder / f"{stage}.md").write_text(model_card(stage, meta, seconds, recipe, evaluation))
+    if probe.with_suffix(".json").is_file():
+        shutil.copyfile(probe.with_suffix(".json"), folder / f"{stage}_probe.json")
+    (folder / f"{stage}.md").write_text(model_card(stage, meta, seconds, recipe, evaluation, probe.with_suffix(".md")))
     say(f"{stage}: released to {folder / stage}")
     return folder / stage
 
 
-def model_card(stage: str, meta: dict, seconds: float | None, recipe: str, evaluation: Path) -> str:
+def model_card(stage: str, meta: dict, seconds: float | None, recipe: str, evaluation: Path, probe: Path) -> str:
     corpus = meta["released"]["corpus"]
     lines = [f"# mindhier foundation checkpoint: {stage}", "",
              f"Trained by `mindhier pretrain --recipe {recipe} --stages {stage} --release` "
@@ -158,6 +160,9 @@ def model_card(stage: str, meta: dict, seconds: float | None, recipe: str, evalu
     if evaluation.is_file():
         lines += ["## Held-out evaluation (as written by the training command)", "", "```json",
                   evaluation.read_text().strip(), "```", ""]
+    if probe.is_file():
+        lines += ["## What each layer carries (`mindhier probe-vision`, on the world's test stimuli)", "",
+                  probe.read_text().strip(), ""]
     return "\n".join(lines)
 
 
@@ -195,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
                                 "add them to --stages")
         run_stage(stage, commands[stage], ck[stage], {dep: inputs[dep] for dep in DEPENDS_ON[stage]}, timer,
                   resume_from=ck[stage].parent / RESUMABLE[stage])
+        if stage == "vision":  # the hierarchy the encoder is aligned to, measured (seconds)
+            run_command(["probe-vision", "--vision", str(ck[stage]), "--world", str(world), "--all-layers",
+                         "--out", str(ck[stage].parent / "probe")])
         if args.release:
             release_stage(stage, ck[stage], released, corpus, timer.seconds.get(f"train {stage}"), args.recipe)
     say("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timer.seconds.items()))
