@@ -167,3 +167,14 @@ def test_without_released_checkpoints_the_demo_stops_after_the_world_and_says_ho
     assert "world 'tiny'" in out and "--from-scratch" in out
     assert (tmp_path / "world" / "world" / "world.json").is_file()
     assert not (tmp_path / "run" / "report.html").exists()
+
+
+def test_a_non_empty_world_folder_is_refused_with_demo_flags_only(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    argv = ["demo", "--recipe", "tiny", "--out", str(tmp_path / "run"), "--world", str(folder)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--world another folder" in err and "--force" not in err
+    assert (folder / "notes.txt").read_text() == "keep me"

@@ -132,8 +132,13 @@ def ensure_world(world_dir: Path, preset: str) -> None:
             return
         raise DemoError(f"{world_dir} holds another world (not the {preset!r} preset of this code); "
                         f"remove it or pass --world another folder")
+    if world_dir.is_dir() and any(world_dir.iterdir()):  # `mindhier world`'s "--force" is not a demo flag
+        raise DemoError(f"{world_dir} is not empty and holds no world; the demo writes its world only into a new "
+                        "or empty folder: pass --world another folder, or empty this one yourself")
+    if world_dir.exists() and not world_dir.is_dir():
+        raise DemoError(f"{world_dir} is a file; pass --world a folder for the world")
     say(f"world: generating the {preset!r} world into {world_dir}")
-    generate_world(cfg, world_dir, force=world_dir.exists() and not any(world_dir.iterdir()))
+    generate_world(cfg, world_dir)
 
 
 def stage_checkpoint(run_dir: Path, stage: str) -> Path:
