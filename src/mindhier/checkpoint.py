@@ -83,9 +83,33 @@ def save_checkpoint(
     tmp_w, tmp_m = weights.with_suffix(".safetensors.tmp"), meta_path.with_suffix(".json.tmp")
     save_file(flat, str(tmp_w), metadata={"kind": kind})
     tmp_m.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    honour_umask(tmp_w, tmp_m)
     os.replace(tmp_w, weights)
     os.replace(tmp_m, meta_path)
     return weights
+
+
+def current_umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere it can only be read by setting
+    it, which is briefly visible to other threads, so that is the fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(*paths: Path) -> None:
+    """Give files the mode a plain ``open()`` would: 0o666 & ~umask. safetensors writes 0600
+    (a private temp file), so on a shared cluster colleagues could read a checkpoint's .json
+    but not its weights."""
+    mode = 0o666 & ~current_umask()
+    for p in paths:
+        os.chmod(p, mode)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from mindhier.checkpoint import git_commit, load_checkpoint, model_tensors, paths_for
+from mindhier.checkpoint import git_commit, honour_umask, load_checkpoint, model_tensors, paths_for
 from mindhier.pipeline import MANIFEST, MANIFEST_FORMAT, ROLES, PipelineError, checkpoint_identity
 
 FORMAT_VERSION = 1
@@ -153,6 +153,7 @@ def copy_checkpoint(src: Path, dst: Path, role: str, loaded_meta: dict | None) -
     save_file({k: v.contiguous() for k, v in model_tensors(tensors).items()}, str(tmp_w),
               metadata={"kind": meta["kind"]})
     shutil.copyfile(paths_for(src)[1], tmp_m)
+    honour_umask(tmp_w, tmp_m)  # safetensors writes 0600; the copied .json already has the umask mode
     os.replace(tmp_w, weights)
     os.replace(tmp_m, meta_path)
 

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from mindhier.data import layout
 from mindhier.data.readers import BetasFile, DataError, ImageStore, read_behav_tar
+from mindhier.data.values import check_scale, sample_rows
 
 # behav column 2 holds the 1-based session (NSD's responses table order: subject, session, …);
 # not in layout.py, which names only the columns every reader needs.
@@ -91,32 +92,25 @@ class SubjectIndex:
         if not tars:
             raise DataError(f"{train_dir}: no training tars (0.tar, 1.tar, …) for subject {subject}; {_hint()}.")
         self.sessions = [int(p.stem) for p in tars]
-        self.train = TrialTable.concat([_table_from_behav(read_behav_tar(p), p, int(p.stem)) for p in tars])
+        tables = {p: _table_from_behav(read_behav_tar(p), p, int(p.stem)) for p in tars}
         test_path = layout.test_tar_path(root, subject)
         test_behav = read_behav_tar(test_path)
-        self.test = _table_from_behav(test_behav, test_path, _test_sessions(test_behav))
-        self._check_disjoint(train_dir, test_path)
-        if check_betas:
+        tables[test_path] = _table_from_behav(test_behav, test_path, _test_sessions(test_behav))
+        self.train, self.test = TrialTable.concat([tables[p] for p in tars]), tables[test_path]
+        if check_betas:  # before the duplicate check: a shifted tar can collide with a good one
             with BetasFile(root, subject) as betas:
-                self._check_rows(betas.num_trials, betas.path)
+                for path, table in tables.items():
+                    _check_rows(table, path, betas.num_trials, betas.path)
+        _check_unique_rows(tables)
+        self._check_disjoint(train_dir, test_path)
         if images is not None:
             self._check_images(images.num_images if isinstance(images, ImageStore) else int(images))
 
     def _check_disjoint(self, train_dir: Path, test_path: Path) -> None:
-        rows, counts = np.unique(np.concatenate([self.train.trial, self.test.trial]), return_counts=True)
-        if (counts > 1).any():
-            raise DataError(f"{train_dir}/ and {test_path}: trial row {rows[counts > 1][0]} appears in more than one "
-                            "sample; each betas row is one trial — the tars are damaged or mixed from two sources.")
         leaked = np.intersect1d(self.train.image, self.test.image)
         if leaked.size:
             raise DataError(f"{train_dir}/: {leaked.size} test images (e.g. {leaked[0]}) also appear in training trials; "
                             f"training must not see the shared1000 images of {test_path} — rebuild the tars.")
-
-    def _check_rows(self, num_trials: int, betas_path: Path) -> None:
-        top = max(self.train.trial.max(initial=-1), self.test.trial.max(initial=-1))
-        if top >= num_trials:
-            raise DataError(f"{betas_path}: has {num_trials} trial rows but the tars of subject {self.subject} refer "
-                            f"to row {top}; the betas file and the tars come from different sources or sessions.")
 
     def _check_images(self, num_images: int) -> None:
         top = max(self.train.image.max(initial=-1), self.test.image.max(initial=-1))
@@ -132,6 +126,30 @@ class SubjectIndex:
     def __repr__(self) -> str:
         return (f"SubjectIndex(subject={self.subject}, sessions={len(self.sessions)}, train={len(self.train)}, "
                 f"test={len(self.test)} trials/{len(self.test_images)} images)")
+
+
+def _check_rows(table: TrialTable, tar: Path, num_trials: int, betas_path: Path) -> None:
+    """Every trial row of one tar lies inside the betas file; the error names this tar."""
+    bad = np.flatnonzero(table.trial >= num_trials)
+    if bad.size:
+        lo, hi = table.trial[bad].min(), table.trial[bad].max()
+        seen = f"row {lo}" if lo == hi else f"rows {lo}..{hi}"
+        raise DataError(f"{tar}: {bad.size} of {len(table)} samples (the first is sample #{bad[0]} in key order) "
+                        f"refer to betas {seen}, but {betas_path} holds {num_trials} rows "
+                        f"(0..{num_trials - 1}); this tar and the betas file come from different sources or "
+                        "sessions — use the tar from the same download or preparation as the betas file.")
+
+
+def _check_unique_rows(tables: dict[Path, TrialTable]) -> None:
+    """Each betas row is one trial: name the tar(s) whose samples share a row."""
+    rows, counts = np.unique(np.concatenate([t.trial for t in tables.values()]), return_counts=True)
+    if not (counts > 1).any():
+        return
+    row = rows[counts > 1][0]
+    holders = [f"{p} ({int((t.trial == row).sum())}×)" for p, t in tables.items() if (t.trial == row).any()]
+    raise DataError(f"{' and '.join(holders)}: trial row {row} appears in more than one sample "
+                    f"({int((counts > 1).sum())} rows are shared); each betas row is one trial — the tars are "
+                    "damaged or mixed from two sources.")
 
 
 def _hint() -> str:
@@ -162,11 +180,18 @@ class TrainTrials(Dataset):
         self.betas = BetasFile(root, subject, expected_voxels=expected_voxels)
         self.num_voxels = self.betas.num_voxels
         self._voxels = None
-        if in_memory:
-            try:
+        try:
+            if in_memory:
                 self._voxels = torch.from_numpy(self.betas.read(self.trials))
-            finally:
-                self.betas.close()
+            self._check_scale()
+        finally:
+            self.betas.close()  # reopened lazily by __getitem__ when not in memory
+
+    def _check_scale(self) -> None:
+        """Refuse raw (undivided, un-z-scored) betas here, before a training run learns from them."""
+        picked = sample_rows(len(self.trials))
+        values = self._voxels[picked].numpy() if self._voxels is not None else self.betas.read(self.trials[picked])
+        check_scale(values, self.betas)
 
     def __len__(self) -> int:
         return len(self.trials)

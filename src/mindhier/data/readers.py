@@ -208,6 +208,7 @@ class BetasFile(_PerProcessFile):
                 "volumes must be masked and flattened first (`mindhier prepare-nsd`)."
             )
         self.num_trials, self.num_voxels = (int(s) for s in ds.shape)
+        self.dtype = ds.dtype  # as stored: an integer dtype is a hint of undivided NSD betas
         if expected_voxels is not None and self.num_voxels != int(expected_voxels):
             raise DataError(self._voxel_mismatch(int(expected_voxels)))
 
