@@ -62,8 +62,8 @@ RECIPES: dict[str, PretrainRecipe] = {
         vision=("--preset", "demo", "--epochs", "2", "--global-batch", "128", "--lr", "1e-3"),
         tokenizer=("--preset", "foundation", "--steps", "6000", "--global-batch", "16", "--lr", "2e-3",
                    "--save-every", "250"),
-        generator=("--preset", "demo", "--steps", "3000", "--global-batch", "32", "--lr", "1e-3",
-                   "--warmup", "100", "--save-every", "250", "--sample-every", "500"),
+        generator=("--preset", "demo", "--steps", "2400", "--global-batch", "32", "--lr", "1e-3",
+                   "--warmup", "100", "--save-every", "200", "--sample-every", "400"),
     ),
     "tiny": PretrainRecipe(
         corpus="tiny", world="tiny",

@@ -64,33 +64,37 @@ def build_target_cache(model: VisionHierarchy, image_store: ImageStore, image_in
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
     n, t, d = len(indices), model.num_tokens, model.feature_dim
-    with h5py.File(tmp, "w") as f:
-        f.attrs["key"] = json.dumps(key, sort_keys=True)
-        f.attrs["layers"] = np.asarray(layers, dtype=np.int64)
-        f.create_dataset("image_indices", data=indices)
-        chunk = lambda *shape: (1, *shape)  # noqa: E731  one image per chunk: cheap random rows
-        for g in layers:
-            f.create_dataset(f"layer_{g}", (n, t, d), dtype="f2", chunks=chunk(t, d))
-        f.create_dataset("final_embedding", (n, d), dtype="f2")
-        if captions is not None:
-            f.create_dataset("text", (n, model.text_tokens, model.text_dim), dtype="f2",
-                             chunks=chunk(model.text_tokens, model.text_dim))
-            f.create_dataset("text_embedding", (n, d), dtype="f2")
-        bar = tqdm(total=n, desc=f"targets {out_path.name}", disable=not show_progress, unit="img", dynamic_ncols=True)
-        for start in range(0, n, batch_size):
-            rows = slice(start, min(n, start + batch_size))
-            batch = indices[rows]
-            feats, final = model.image_targets(torch.from_numpy(image_store.get(batch)), layers)
-            for g, v in zip(layers, feats):
-                f[f"layer_{g}"][rows] = v.cpu().numpy().astype(np.float16)
-            f["final_embedding"][rows] = final.cpu().numpy().astype(np.float16)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["key"] = json.dumps(key, sort_keys=True)
+            f.attrs["layers"] = np.asarray(layers, dtype=np.int64)
+            f.create_dataset("image_indices", data=indices)
+            chunk = lambda *shape: (1, *shape)  # noqa: E731  one image per chunk: cheap random rows
+            for g in layers:
+                f.create_dataset(f"layer_{g}", (n, t, d), dtype="f2", chunks=chunk(t, d))
+            f.create_dataset("final_embedding", (n, d), dtype="f2")
             if captions is not None:
-                texts = [caption_for(captions, int(i), caption_policy(int(i))) for i in batch]
-                tokens, emb = model.text_targets(texts)
-                f["text"][rows] = tokens.cpu().numpy().astype(np.float16)
-                f["text_embedding"][rows] = emb.cpu().numpy().astype(np.float16)
-            bar.update(len(batch))
-        bar.close()
+                f.create_dataset("text", (n, model.text_tokens, model.text_dim), dtype="f2",
+                                 chunks=chunk(model.text_tokens, model.text_dim))
+                f.create_dataset("text_embedding", (n, d), dtype="f2")
+            bar = tqdm(total=n, desc=f"targets {out_path.name}", disable=not show_progress, unit="img", dynamic_ncols=True)
+            for start in range(0, n, batch_size):
+                rows = slice(start, min(n, start + batch_size))
+                batch = indices[rows]
+                feats, final = model.image_targets(torch.from_numpy(image_store.get(batch)), layers)
+                for g, v in zip(layers, feats):
+                    f[f"layer_{g}"][rows] = v.cpu().numpy().astype(np.float16)
+                f["final_embedding"][rows] = final.cpu().numpy().astype(np.float16)
+                if captions is not None:
+                    texts = [caption_for(captions, int(i), caption_policy(int(i))) for i in batch]
+                    tokens, emb = model.text_targets(texts)
+                    f["text"][rows] = tokens.cpu().numpy().astype(np.float16)
+                    f["text_embedding"][rows] = emb.cpu().numpy().astype(np.float16)
+                bar.update(len(batch))
+            bar.close()
+    except BaseException:  # an error or Ctrl-C midway: no partial file left in the cache folder
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out_path)
     return out_path
 
