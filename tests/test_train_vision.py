@@ -124,3 +124,35 @@ def test_two_process_run_matches_one_process(pairs_root, tmp_path, capsys):
     a, b = load_vision(tmp_path / "one"), load_vision(tmp_path / "two")
     for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         assert torch.allclose(p, q, atol=2e-3), name
+
+
+def test_swap_first_word_edits_only_the_first_listed_word_and_marks_rows_without_one():
+    words = torch.tensor([10, 11, 12])
+    ids = torch.tensor([[1, 11, 5, 12, 0], [1, 5, 6, 7, 0], [1, 10, 10, 3, 0]])
+    for u in (0.0, 0.49, 0.99):
+        edited, has = train_vision.swap_first_word(ids, words, torch.full((3,), u))
+        assert has.tolist() == [True, False, True]
+        assert torch.equal(edited[1], ids[1])
+        for row, pos in ((0, 1), (2, 1)):
+            assert edited[row, pos] in words and edited[row, pos] != ids[row, pos]
+            rest = [i for i in range(5) if i != pos]
+            assert torch.equal(edited[row, rest], ids[row, rest])
+    picks = {int(train_vision.swap_first_word(ids, words, torch.full((3,), u))[0][0, 1]) for u in (0.0, 0.99)}
+    assert picks == {10, 12}  # both other words are reachable
+
+
+def test_hard_negatives_enter_the_image_side_only_and_rows_without_one_drop_out():
+    g = torch.Generator().manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1) for _ in range(2))
+    scale, d = torch.tensor(10.0), Dist(0, 1, 0, torch.device("cpu"))
+    plain = train_vision.contrastive_loss(image, text, scale, d)
+    none_kept = train_vision.contrastive_loss(image, text, scale, d, text.clone(), torch.zeros(4, dtype=torch.bool))
+    assert torch.allclose(plain, none_kept)
+    # a negative as close as the true caption: the image side's loss rises by ~log 2 / 2 per row
+    hard = train_vision.contrastive_loss(image, text, scale, d, text.clone(), torch.ones(4, dtype=torch.bool))
+    assert hard > plain + 0.1
+
+
+def test_hard_negatives_need_captions_naming_two_shapes(pairs_root, tmp_path):
+    with pytest.raises(MindhierError, match="hard-negatives needs captions that name at least two"):
+        train_vision.train(args_for(pairs_root, tmp_path / "v", hard_negatives="shape"), Dist(0, 1, 0, torch.device("cpu")))

@@ -174,10 +174,9 @@ def rebuild_foundation(world: Path, corpus: Path | None, runs: Path, recipe: Rec
     return pretrain.stage_commands(corpus, world, runs, pretrain.RECIPES[recipe.foundation])[1]
 
 
-def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: Timer,
-                 foundation: dict[str, Path]) -> dict[str, Path]:
-    """Train the fMRI stages from the foundation models, or reuse them (see :func:`run_stage`).
-    Returns every checkpoint a reconstruction uses, by role."""
+def fmri_stage_commands(world: Path, runs: Path, recipe: Recipe, subject: int,
+                        foundation: dict[str, Path]) -> tuple[dict, dict, dict]:
+    """(command per fMRI stage, every checkpoint by role, each stage's upstream checkpoints)."""
     ck = {"vision": foundation["vision"], "tokenizer": foundation["tokenizer"],
           **{s: stage_checkpoint(runs, s) for s in STAGES}}
     data = ["--data", str(world)]
@@ -189,8 +188,16 @@ def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: T
                       "--out", str(ck["generator"].parent), *recipe.generator],
     }
     inputs = {**ck, "init": foundation["generator"]}
-    for stage in STAGES:
-        run_stage(stage, commands[stage], ck[stage], {dep: inputs[dep] for dep in DEPENDS_ON[stage]}, timer)
+    return commands, ck, {stage: {dep: inputs[dep] for dep in DEPENDS_ON[stage]} for stage in STAGES}
+
+
+def train_stages(world: Path, runs: Path, recipe: Recipe, subject: int, timer: Timer,
+                 foundation: dict[str, Path], stages=STAGES) -> dict[str, Path]:
+    """Train the fMRI stages (``stages``: a prefix of STAGES) from the foundation models, or
+    reuse them (see :func:`run_stage`). Returns every checkpoint a reconstruction uses, by role."""
+    commands, ck, upstream = fmri_stage_commands(world, runs, recipe, subject, foundation)
+    for stage in stages:
+        run_stage(stage, commands[stage], ck[stage], upstream[stage], timer)
     return ck
 
 
