@@ -62,3 +62,22 @@ def check_init_matches(init_meta: dict, cfg: GeneratorConfig, enc_meta: dict, to
                                 + "\nPretrain a generator on this encoder's vision model and this tokenizer "
                                   "(`mindhier pretrain-generator`), or pass the matching checkpoints.")
     return dataclasses.replace(init_cfg, routing=cfg.routing, cond_drop_prob=cfg.cond_drop_prob)
+
+
+def draw_from_own_features(generator, tokenizer, vision, layers, images01, image_ids, settings, batch: int = 25):
+    """A pretrained generator's single-shot drawing of each image from that image's own vision
+    hierarchy v_{g_1..g_M} (its training task: the "oracle" of the report), CFG against the
+    all-zero condition. ``images01`` (N, 3, H, W) on the models' device; returns them on the CPU."""
+    import torch
+
+    from mindhier.sampling import reconstruct
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images01), batch):
+            chunk = images01[start: start + batch]
+            levels = [v.float() for v in vision.image_layer_features(chunk, list(layers))]
+            cond, null = generator.condition(levels), generator.condition(null_levels(levels))
+            drawn = reconstruct(generator, tokenizer, cond, null, settings, list(image_ids[start: start + batch]))
+            out.append(drawn.single_shot.float().cpu())
+    return torch.cat(out)

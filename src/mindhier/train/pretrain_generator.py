@@ -30,9 +30,9 @@ from mindhier.config import get_preset, to_dict
 from mindhier.data import ImageStore, data_manifest
 from mindhier.errors import MindhierError
 from mindhier.generator import PRESETS, ROUTINGS
-from mindhier.generator.pretrained import null_levels, vision_record
+from mindhier.generator.pretrained import draw_from_own_features, vision_record
 from mindhier.reconstruct import checkpoint_identity
-from mindhier.sampling import SamplingSettings, reconstruct
+from mindhier.sampling import SamplingSettings
 from mindhier.tokenizer import load_tokenizer
 from mindhier.train import generator as stage2
 from mindhier.train.distributed import distributed_session
@@ -145,15 +145,13 @@ class PretrainTrainer(stage2.Trainer):
         with (stage2.full_weights(self.model) if fsdp else stage2.contextlib.nullcontext()):
             self.model.eval()
             truth = self._pictures(np.asarray(ids))
+            settings = SamplingSettings(cfg=self.args.sample_cfg, num_candidates=1, seed=self.args.seed)
             with self._autocast():
-                levels = self._levels(truth)
-                cond = self.model.condition(levels)
-                null = self.model.condition(null_levels(levels))
-                settings = SamplingSettings(cfg=self.args.sample_cfg, num_candidates=1, seed=self.args.seed)
-                rec = reconstruct(self.model, self.tokenizer, cond, null, settings, ids)
+                drawn = draw_from_own_features(self.model, self.tokenizer, self.vision, self.layers, truth, ids,
+                                               settings, batch=len(ids))
             self.model.train()
         if self.d.is_main:
             (self.out / "samples").mkdir(parents=True, exist_ok=True)
-            image_grid([truth.float().cpu().numpy(), rec.single_shot.float().cpu().numpy()], cell=64).save(
+            image_grid([truth.float().cpu().numpy(), drawn.numpy()], cell=64).save(
                 self.out / "samples" / f"step_{self.step:07d}.png")
 
