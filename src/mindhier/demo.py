@@ -69,8 +69,8 @@ RECIPES: dict[str, Recipe] = {
     "demo": Recipe(
         world="demo", foundation="demo",
         encoder=("--preset", "demo", "--epochs", "4", "--global-batch", "64", "--lr", "5e-4"),
-        generator=("--preset", "demo", "--steps", "1500", "--global-batch", "32", "--lr", "3e-4",
-                   "--warmup", "50", "--sample-every", "300"),
+        generator=("--preset", "demo", "--steps", "1000", "--global-batch", "32", "--lr", "3e-4",
+                   "--warmup", "50", "--sample-every", "250"),
         reconstruct=("--candidates", "2", "--limit", "100", "--cfg", "3"),
     ),
     "tiny": Recipe(
