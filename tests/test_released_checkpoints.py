@@ -43,11 +43,26 @@ def test_released_checkpoints_fit_the_code_and_the_world(released):
         assert "config hash" in card and "Held-out metrics" in card
 
 
+REGRESSION_METRICS = ("pixcorr", "ssim", "clip_ours", "lite0_twoway", "lite0_dist")
+
+
 def test_regression_subset_reconstructs_to_the_model_card_metrics(released, tmp_path):
+    """Same platform as the release run (runtime.platform_fingerprint): the very images (by hash)
+    and metrics. Elsewhere: every recorded metric within the recorded tolerance. Either way the
+    command is the recorded one, so a changed default (CFG, top-k, …) cannot pass unnoticed."""
+    from mindhier.runtime import platform_fingerprint
+
     world, ck = released
     recorded = json.loads((RELEASED / "metrics.json").read_text())["regression"]
-    assert math.isfinite(recorded["pixcorr"]) and math.isfinite(recorded["ssim"])
+    assert recorded["tolerance"] == REGRESSION_TOLERANCE
     again = regression_metrics(world, 1, ck, tmp_path / "regression", RECIPES["demo"])
     assert again["images"] == recorded["images"]
-    assert abs(again["pixcorr"] - recorded["pixcorr"]) <= REGRESSION_TOLERANCE, (again, recorded)
-    assert abs(again["ssim"] - recorded["ssim"]) <= REGRESSION_TOLERANCE, (again, recorded)
+    assert again["pinned_command"] == recorded["pinned_command"]
+    for key in REGRESSION_METRICS:
+        assert math.isfinite(recorded[key]), key
+    if platform_fingerprint() == recorded["platform"]:
+        assert again["recons_sha256"] == recorded["recons_sha256"]
+        assert all(again[k] == recorded[k] for k in REGRESSION_METRICS), (again, recorded)
+    else:
+        for key in REGRESSION_METRICS:
+            assert abs(again[key] - recorded[key]) <= REGRESSION_TOLERANCE, (key, again[key], recorded[key])

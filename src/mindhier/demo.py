@@ -357,21 +357,28 @@ def with_option(argv: list[str], flag: str, value) -> list[str]:
 
 
 # The released weights' regression check: the first REGRESSION_IMAGES test images, single-shot,
-# seed 0, scored by PixCorr and SSIM. Sampling is seeded per image and independent of batching,
-# so on the same software the numbers repeat exactly; the tolerance absorbs other CPUs' and
-# BLAS builds' rounding, which can flip a sampled token here and there.
+# seed 0, scored by every offline metric. Sampling is seeded per image and independent of
+# batching, so where the platform (runtime.platform_fingerprint: torch build, CPU model, bf16
+# support, threads) is the release's, the images repeat bit for bit and are compared by hash;
+# elsewhere bf16/BLAS rounding can flip a sampled token here and there, and the metrics must
+# agree within REGRESSION_TOLERANCE.
 REGRESSION_IMAGES = 16
 REGRESSION_TOLERANCE = 0.03
 
 
 def regression_metrics(world: Path, subject: int, ck: dict[str, Path], out: Path, recipe: Recipe,
                        device: str = "auto") -> dict:
-    """PixCorr and SSIM of the fixed regression subset (see REGRESSION_IMAGES)."""
+    """Every offline metric of the fixed regression subset (see REGRESSION_IMAGES), the hash of
+    its images, the command that made them and the platform it ran on."""
+    import hashlib
+
     from safetensors.torch import load_file
 
     from mindhier.demo_report import load_test_images
     from mindhier.evaluate import evaluate_reconstructions
-    from mindhier.metrics import pixel_metrics
+    from mindhier.metrics import offline_metrics, pixel_metrics
+    from mindhier.runtime import platform_fingerprint
+    from mindhier.vision import load_vision
 
     argv = reconstruct_argv(world, subject, ck, out, recipe, device)
     for flag, value in (("--limit", REGRESSION_IMAGES), ("--candidates", 1), ("--seed", 0), ("--coarse-to-fine", 0)):
@@ -379,9 +386,15 @@ def regression_metrics(world: Path, subject: int, ck: dict[str, Path], out: Path
     run_command(argv)
     recons = load_file(str(out / "recons.safetensors"))
     gts = load_test_images(world, subject, recons["image_index"].numpy())
-    values = evaluate_reconstructions(recons["recons"].float(), gts, metrics=pixel_metrics())["values"]
+    vision = load_vision(ck["vision"])
+    metrics = pixel_metrics() + offline_metrics(lambda x: vision.image_embedding(x))
+    values = evaluate_reconstructions(recons["recons"].float(), gts, metrics=metrics)["values"]
+    images = recons["recons"].float().contiguous().numpy().tobytes()
+    pinned = with_option(with_option(argv, "--data", "WORLD"), "--out", "OUT")  # what must not change
     return {"images": [int(i) for i in recons["image_index"]], "command": "mindhier " + shlex.join(argv),
-            "pixcorr": values["pixcorr"], "ssim": values["ssim"], "tolerance": REGRESSION_TOLERANCE}
+            "pinned_command": "mindhier " + shlex.join(pinned),
+            **{k: v for k, v in values.items() if v is not None}, "tolerance": REGRESSION_TOLERANCE,
+            "recons_sha256": hashlib.sha256(images).hexdigest(), "platform": platform_fingerprint()}
 
 
 RELEASE_DTYPE = torch.bfloat16  # halves the committed size (≤ 50 MB in all); loaders upcast on load

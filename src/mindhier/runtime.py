@@ -117,3 +117,19 @@ def autocast(device: torch.device, enabled: bool = True):
     if enabled and bf16_is_fast(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def platform_fingerprint() -> dict:
+    """What decides whether two runs' floating-point results can be identical: the PyTorch
+    build, the CPU model and its bf16 support (which selects the kernels, and the bf16 autocast
+    of ``precision="auto"``), and the intra-op thread count (reduction splits)."""
+    import platform
+
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor())
+    except OSError:
+        cpu = platform.processor()
+    return {"torch": torch.__version__, "machine": platform.machine(), "cpu": cpu,
+            "fast_bf16": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
