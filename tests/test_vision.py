@@ -264,3 +264,27 @@ def test_target_cache_is_reused_and_stale_caches_are_detected(data_root, tmp_pat
         TargetCache(first.path, expect_key=cache_key(clip, (3, 4), True))
     rebuilt = cached_targets(retrained, data_root, (2, 4), tmp_path / "c", show_progress=False)
     assert rebuilt.path != first.path and rebuilt.identity == retrained.identity()
+
+
+def test_conv_stem_keeps_the_token_grid_and_sees_within_a_patch():
+    from dataclasses import replace
+
+    from mindhier.vision.small_clip import conv_stem
+
+    cfg = replace(PRESETS["foundation"], vocab_size=10)
+    model = SmallClipModel(cfg).eval()
+    assert cfg.stem == "conv" and cfg.num_tokens == PRESETS["demo"].num_tokens
+    states = model.visual.hidden_states(torch.rand(2, 3, 64, 64))
+    assert all(tuple(h.shape) == (2, cfg.num_tokens, cfg.width) for h in states)
+    stem = conv_stem(128, 8)
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in stem) == 3
+    # two images that differ only inside one 8x8 patch differ in that patch's token
+    a = torch.rand(1, 3, 64, 64)
+    b = a.clone()
+    b[..., 8:16, 8:16] = b[..., 8:16, 8:16].flip(-1)
+    diff = (stem(a) - stem(b)).abs().flatten(2).sum(1)[0].view(8, 8)
+    assert diff[1, 1] > 0 and diff[1, 1] == diff.max()
+    with pytest.raises(VisionError, match="power-of-two"):
+        conv_stem(128, 6)
+    with pytest.raises(VisionError, match="unknown stem"):
+        SmallClipModel(replace(cfg, stem="pyramid"))

@@ -59,7 +59,8 @@ RECIPES: dict[str, PretrainRecipe] = {
     "demo": PretrainRecipe(
         corpus="demo", world="demo",
         reader=("--preset", "demo", "--steps", "5000", "--batch", "128", "--lr", "2e-3", "--save-every", "250"),
-        vision=("--preset", "demo", "--epochs", "2", "--global-batch", "128", "--lr", "1e-3", "--hard-negatives", "shape"),
+        vision=("--preset", "foundation", "--epochs", "2", "--global-batch", "128", "--lr", "1e-3",
+                "--hard-negatives", "shape"),
         tokenizer=("--preset", "foundation", "--steps", "6000", "--global-batch", "16", "--lr", "2e-3",
                    "--save-every", "250"),
         generator=("--preset", "demo", "--steps", "1800", "--global-batch", "32", "--lr", "1e-3",
