@@ -50,3 +50,4 @@ def test_pipeline_folder_copies_get_the_umask_mode(tmp_path, umask):
     dst.parent.mkdir()
     copy_checkpoint(src, dst, "toy", None)
     assert modes(dst) == (0o644, 0o644)
+

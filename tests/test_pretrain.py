@@ -23,6 +23,8 @@ def test_pretrain_all_stages_release_and_reuse(tmp_path, capsys):
         assert meta["released"]["corpus"]["size"] == 600
         card = (released / f"{stage}.md").read_text()
         assert "corpus: 600 images of 32 px, seed 0" in card and "training time:" in card
+        weights, meta_file = released / f"{stage}.safetensors", released / f"{stage}.json"
+        assert weights.stat().st_mode & 0o777 == meta_file.stat().st_mode & 0o777  # both follow the umask
     assert "world_test_stimuli" in json.loads((released / "reader_eval.json").read_text())
     probe = json.loads((released / "vision_probe.json").read_text())  # probe-vision ran on every layer
     assert set(probe["rates"]) >= {"layer 1", "embedding", "majority guess"}

@@ -68,8 +68,13 @@ def _nested(cls: type) -> dict[str, type]:
 
 def config_hash(cfg: Any) -> str:
     """Short stable hash of a config (sorted-key JSON, sha256, 12 hex digits)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    return dict_hash(to_dict(cfg))
+
+
+def dict_hash(data: dict) -> str:
+    """:func:`config_hash` of a config as stored in a checkpoint's JSON (which may predate a
+    field added to the dataclass since, with its default)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def get_preset(presets: dict[str, T], name: str, what: str = "config") -> T:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from mindhier.checkpoint import paths_for, read_metadata
+from mindhier.checkpoint import honour_umask, paths_for, read_metadata
 from mindhier.errors import MindhierError
 from mindhier.world.cli import print_summary
 
@@ -243,14 +243,23 @@ def preset_of(argv: tuple[str, ...]) -> str:
     return argv[argv.index("--preset") + 1]
 
 
-def stage_presets(recipe: Recipe) -> dict[str, str]:
+# The release made before the foundation models existed: vision and tokenizer trained on the fMRI
+# world with the `demo` presets, the generator from scratch (its checkpoint records no "init").
+# It is read as what it is until a release on the foundation models replaces it.
+WORLD_TRAINED_PRESETS = {"vision": "demo", "tokenizer": "demo"}
+
+
+def stage_presets(recipe: Recipe, ck: dict[str, Path] | None = None) -> dict[str, str]:
     """The config preset each role is trained with under ``recipe`` (foundation ones from its
-    pretrain recipe)."""
+    pretrain recipe), or, for a world-trained release ``ck``, the presets it was made with."""
     from mindhier.pretrain import RECIPES as PRETRAIN
 
     base = PRETRAIN[recipe.foundation]
-    return {"vision": preset_of(base.vision), "tokenizer": preset_of(base.tokenizer),
-            "encoder": preset_of(recipe.encoder), "generator": preset_of(recipe.generator)}
+    presets = {"vision": preset_of(base.vision), "tokenizer": preset_of(base.tokenizer),
+               "encoder": preset_of(recipe.encoder), "generator": preset_of(recipe.generator)}
+    if ck is not None and "generator" in ck and "init" not in read_metadata(ck["generator"]):
+        presets.update(WORLD_TRAINED_PRESETS)
+    return presets
 
 
 # Config fields each training command derives from the data or from the other stages rather
@@ -275,7 +284,7 @@ def check_released_against_code(ck: dict[str, Path], recipe: Recipe) -> None:
     from mindhier.vision.small_clip import PRESETS as VISION
 
     presets = {"vision": VISION, "encoder": ENCODER, "tokenizer": TOKENIZER, "generator": GENERATOR}
-    names = stage_presets(recipe)
+    names = stage_presets(recipe, ck)
     problems = []
     for stage, path in ck.items():
         expected = presets[stage][names[stage]]
@@ -390,7 +399,9 @@ def regression_metrics(world: Path, subject: int, ck: dict[str, Path], out: Path
     metrics = pixel_metrics() + offline_metrics(lambda x: vision.image_embedding(x))
     values = evaluate_reconstructions(recons["recons"].float(), gts, metrics=metrics)["values"]
     images = recons["recons"].float().contiguous().numpy().tobytes()
-    pinned = with_option(with_option(argv, "--data", "WORLD"), "--out", "OUT")  # what must not change
+    pinned = argv  # what must not change: every option but where the files are
+    for flag in ("--data", "--out", "--encoder", "--tokenizer", "--generator", "--vision"):
+        pinned = with_option(pinned, flag, flag.strip("-").upper())
     return {"images": [int(i) for i in recons["image_index"]], "command": "mindhier " + shlex.join(argv),
             "pinned_command": "mindhier " + shlex.join(pinned),
             **{k: v for k, v in values.items() if v is not None}, "tolerance": REGRESSION_TOLERANCE,
@@ -429,6 +440,7 @@ def release(ck: dict[str, Path], folder: Path) -> dict[str, Path]:
         meta["released"] = {"dtype": str(RELEASE_DTYPE).replace("torch.", ""), "from": str(ck[stage]),
                             "foundation": foundation}
         save_file(tensors, str(folder / f"{stage}.safetensors"), metadata={"kind": meta["kind"]})
+        honour_umask(folder / f"{stage}.safetensors")  # safetensors writes 0600; the .json is 0644
         (folder / f"{stage}.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     say(f"released checkpoints written to {folder}")
     return {role: folder / role for role in ROLES}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from mindhier.checkpoint import paths_for
+from mindhier.checkpoint import honour_umask, paths_for
 from mindhier.demo import RELEASE_DTYPE, Timer, ensure_world, run_command, run_stage, say
 from mindhier.errors import MindhierError
 
@@ -59,7 +59,7 @@ RECIPES: dict[str, PretrainRecipe] = {
     "demo": PretrainRecipe(
         corpus="demo", world="demo",
         reader=("--preset", "demo", "--steps", "5000", "--batch", "128", "--lr", "2e-3", "--save-every", "250"),
-        vision=("--preset", "foundation", "--epochs", "2", "--global-batch", "128", "--lr", "1e-3",
+        vision=("--preset", "demo", "--epochs", "2", "--global-batch", "128", "--lr", "1e-3",
                 "--hard-negatives", "shape"),
         tokenizer=("--preset", "foundation", "--steps", "6000", "--global-batch", "16", "--lr", "2e-3",
                    "--save-every", "250"),
@@ -134,6 +134,7 @@ def release_stage(stage: str, ckpt: Path, folder: Path, corpus: Path, seconds: f
                         "corpus": {**corpus_info["config"], "images_sha256": corpus_info["images_sha256"]},
                         "train_seconds": seconds}
     save_file(tensors, str(folder / f"{stage}.safetensors"), metadata={"kind": meta["kind"]})
+    honour_umask(folder / f"{stage}.safetensors")  # safetensors writes 0600; the .json is 0644
     (folder / f"{stage}.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     evaluation, probe = ckpt.parent / "eval.json", ckpt.parent / "probe"
     if evaluation.is_file():

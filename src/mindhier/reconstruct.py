@@ -125,6 +125,7 @@ def _per_image(rec: PipelineOutput, rows, coarse_to_fine: int) -> dict:
 def _write_outputs(out: Path, merged: dict, n: int, settings: SamplingSettings, args, gen_meta: dict) -> None:
     from safetensors.torch import save_file
 
+    from mindhier.checkpoint import honour_umask
     from mindhier.report import image_grid, to_uint8
 
     if sorted(merged) != list(range(n)):
@@ -138,6 +139,7 @@ def _write_outputs(out: Path, merged: dict, n: int, settings: SamplingSettings, 
         stack = torch.stack([it[label] for it in items]).contiguous()
         name = "recons.safetensors" if label == primary else f"recons_{label}.safetensors"
         save_file({"recons": stack, "image_index": index}, str(out / name), metadata={"label": label})
+        honour_umask(out / name)
     from PIL import Image
 
     for it, tile in zip(items, to_uint8(torch.stack([it[primary] for it in items]).numpy())):
