@@ -42,7 +42,7 @@ FOUNDATION = ("vision", "tokenizer", "generator")  # what it takes from `mindhie
 ROLES = ("vision", "encoder", "tokenizer", "generator")  # the checkpoints a reconstruction uses
 DEFAULT_FOUNDATION = "checkpoints/foundation"
 DEFAULT_READER = "checkpoints/foundation/reader"  # released by `mindhier pretrain --stages reader --release`
-FROM_SCRATCH = "about 40 min on 2 idle CPU cores"   # measured for the `demo` recipe (README)
+FROM_SCRATCH = "the encoder and the stage-2 fine-tune; sized for ≤ 45 min on 2 CPU cores, not yet timed"
 # A stage is retrained whenever a checkpoint it was trained on changed ("init": the pretrained generator).
 DEPENDS_ON = {"encoder": ("vision",), "generator": ("encoder", "tokenizer", "init")}
 

@@ -50,11 +50,12 @@ class PretrainRecipe:
     generator: tuple[str, ...]
 
 
-# `demo`: measured step times on this project's slowest 2-core machine (AMD EPYC, no AVX-512,
-# fp32 matmul peak ≈ 70–130 GFLOP/s; see checkpoints/foundation/*.md for each stage's real
-# time): reader 0.6–1.5 s/step at batch 128 (2000 steps ≈ 20–50 min), tokenizer 2.4 s/step at
-# batch 16 (6000 steps ≈ 4 h), vision and generator about as long: hours in all, which is why
-# they are released rather than part of the demo. `tiny` is what the tests run.
+# `demo`: sized to train in one 3-hour session on 2 CPU cores. Measured on a 2-core Intel Xeon
+# with AVX-512 bf16/AMX (bf16 autocast), two stages at a time with one thread each: reader 0.39 s
+# per step (5000 steps, 32 min), vision 1.9 s (2 epochs = 1530 steps, 48 min), tokenizer 0.6 s
+# (6000 steps, 61 min); the generator step measured 1.07 s at batch 32 with two threads
+# (bench/bench_foundation.py). On the slowest machine seen (AMD EPYC without AVX-512, fp32) each
+# is 3-5x slower. `tiny` is what the tests run.
 RECIPES: dict[str, PretrainRecipe] = {
     "demo": PretrainRecipe(
         corpus="demo", world="demo",
