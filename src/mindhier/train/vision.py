@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from mindhier.checkpoint import (load_checkpoint, load_state_strict, optimizer_from_tensors, optimizer_to_tensors,
                                  paths_for)
 from mindhier.config import get_preset, to_dict
-from mindhier.data import DataError, ImageStore, SubjectIndex, load_captions
+from mindhier.data import DataError, ImageStore, load_captions
 from mindhier.data import layout
 from mindhier.data.manifest import data_manifest
 from mindhier.errors import MindhierError
 from mindhier.train import common
 from mindhier.train.distributed import Dist, all_reduce_mean, distributed_session, split_global_batch
+from mindhier.world.corpus import held_out_image_indices as test_image_indices
 from mindhier.world.images import CATEGORIES
 from mindhier.vision.small_clip import (CHECKPOINT_NAME, PRESETS, SmallClip, SmallClipModel, WordTokenizer,
                                         build_vocab, model_tensors, normalise_images, resolve_config,
@@ -92,26 +93,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------- data
-def test_image_indices(root: Path) -> np.ndarray:
-    """The held-out images: world.json's ``test_images``, a corpus's every 50th image, else
-    every subject's test images."""
-    from mindhier.world.corpus import held_out_images, is_corpus, read_corpus_info
-
-    if is_corpus(root):
-        return held_out_images(read_corpus_info(root)["config"]["size"])
-    info = layout.world_info_path(root)
-    if info.is_file():
-        world = json.loads(info.read_text())
-        listed = world.get("test_images", world.get("test_image_indices"))
-        if listed is not None:
-            return np.unique(np.asarray(listed, dtype=np.int64))
-    found = [SubjectIndex(root, s, check_betas=False).test_images for s in layout.subjects_in(root)]
-    if not found:
-        raise DataError(f"{root}: cannot tell the test images apart (no world/world.json with "
-                        "'test_images' and no subject tars); create the data with `mindhier world`")
-    return np.unique(np.concatenate(found))
-
-
 class PairData:
     """Training images (kept in memory as fp16, or uint8 as stored) with all their caption
     paraphrases tokenised."""

@@ -62,7 +62,7 @@ def probe_layers(vision, world, layers) -> dict:
     """{feature set: {attribute: rate with interval}} on the world's test stimuli, plus the
     majority-class guess, for the layers ``layers`` and the final embedding."""
     from mindhier.data import ImageStore
-    from mindhier.train.vision import test_image_indices
+    from mindhier.world.corpus import held_out_image_indices as test_image_indices
     from mindhier.world.attributes import AttributeProbes
     from mindhier.world.corpus import world_labels
     from mindhier.world.reader import ATTRIBUTES, rate_with_interval

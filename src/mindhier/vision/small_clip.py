@@ -86,8 +86,16 @@ def conv_stem(width: int, patch: int) -> nn.Sequential:
     chans = [3] + [max(width // 2 ** (steps - 1 - i), 16) for i in range(steps)]
     layers = []
     for cin, cout in zip(chans[:-1], chans[1:]):
-        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, cout), nn.GELU()]
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), ChannelNorm(cout), nn.GELU()]
     return nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a (B, C, H, W) map: local, unlike
+    GroupNorm(1, C), so a token depends only on the pixels its receptive field covers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 # ---- word-level tokenizer -----------------------------------------------------------------

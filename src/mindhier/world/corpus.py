@@ -101,6 +101,27 @@ def scene_labels(scenes: list[SceneSpec]) -> dict[str, np.ndarray]:
     }
 
 
+def held_out_image_indices(root) -> np.ndarray:
+    """The held-out images: world.json's ``test_images``, a corpus's every 50th image, else
+    every subject's test images."""
+    from mindhier.data import DataError, SubjectIndex
+
+    root = Path(root)
+    if is_corpus(root):
+        return held_out_images(read_corpus_info(root)["config"]["size"])
+    info = layout.world_info_path(root)
+    if info.is_file():
+        world = json.loads(info.read_text())
+        listed = world.get("test_images", world.get("test_image_indices"))
+        if listed is not None:
+            return np.unique(np.asarray(listed, dtype=np.int64))
+    found = [SubjectIndex(root, s, check_betas=False).test_images for s in layout.subjects_in(root)]
+    if not found:
+        raise DataError(f"{root}: cannot tell the test images apart (no world/world.json with "
+                        "'test_images' and no subject tars); create the data with `mindhier world`")
+    return np.unique(np.concatenate(found))
+
+
 def world_labels(root) -> dict[str, np.ndarray]:
     """``scene_labels`` of a synthetic world's images (from world/image_params.json)."""
     path = layout.image_params_path(root)

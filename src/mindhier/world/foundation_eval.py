@@ -31,7 +31,7 @@ ORACLE_ROW = "pretrained generator on the stimulus's own vision features"
 def test_stimuli(world: Path) -> tuple[np.ndarray, torch.Tensor, dict, dict]:
     """(test image ids, their pictures (N, 3, H, W) in [0, 1], their labels, the training images' labels)."""
     from mindhier.data import ImageStore
-    from mindhier.train.vision import test_image_indices
+    from mindhier.world.corpus import held_out_image_indices as test_image_indices
     from mindhier.world.corpus import world_labels
 
     test = test_image_indices(world)
