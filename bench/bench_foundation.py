@@ -28,7 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generator import matmul_peak  # noqa: E402
 
-from mindhier.runtime import autocast, bf16_is_fast  # noqa: E402
+from mindhier.checkpoint import git_commit  # noqa: E402
+from mindhier.runtime import autocast, bf16_is_fast, platform_fingerprint  # noqa: E402
 
 
 def reader_step(b: int = 128):
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
     result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "peak_fp32_flop_per_s": peak_fp32, "training_dtype": "bf16" if bf16 else "fp32",
               "peak_used_flop_per_s": peak, "command": "python bench/bench_foundation.py " + " ".join(argv or sys.argv[1:]),
-              "rows": rows}
+              "rows": rows, "git_commit": git_commit(), "platform": platform_fingerprint()}
     md = markdown(result)
     print(md)
     if args.out:
@@ -151,8 +152,10 @@ def main(argv=None) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Foundation-model training steps on {r['machine']} ({r['threads']} threads), {r['training_dtype']}; "
-             f"matmul peak {r['peak_used_flop_per_s'] / 1e9:.0f} GFLOP/s measured in the same run.", "",
+    cpu = r.get("platform", {}).get("cpu") or r["machine"]
+    lines = [f"Foundation-model training steps on {cpu} ({r['threads']} threads), {r['training_dtype']}; "
+             f"matmul peak {r['peak_used_flop_per_s'] / 1e9:.0f} GFLOP/s measured in the same run.",
+             f"`{r['command']}` at commit `{r.get('git_commit')}`.", "",
              "| model | step | params | GFLOP/step | s/step | GFLOP/s | share of peak |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {x['model']} | {x['shape']} | {x['params'] / 1e6:.2f} M | {x['flops_per_step'] / 1e9:.1f} | "
               f"{x['seconds_per_step']:.3f} | {x['flop_per_s'] / 1e9:.1f} | {100 * x['share_of_peak']:.1f} % |"
