@@ -77,7 +77,8 @@ def test_released_regression_subset_reproduces_its_recorded_images_exactly(tiny_
     candidates per image), as seeding per (seed, image, candidate) promises."""
     from safetensors.torch import load_file
 
-    from mindhier.demo import REGRESSION_IMAGES, regression_metrics, released_checkpoints
+    from mindhier.demo import released_checkpoints
+    from mindhier.demo_release import REGRESSION_IMAGES, regression_metrics
 
     run = tiny_demo / "run"
     recorded = json.loads((tiny_demo / "released" / "metrics.json").read_text())["regression"]
@@ -183,7 +184,7 @@ def test_a_non_empty_world_folder_is_refused_with_demo_flags_only(tmp_path, caps
 
 
 def test_release_leaves_no_stale_file_and_copies_foundation_unchanged(tiny_demo, tmp_path):
-    from mindhier.demo import release
+    from mindhier.demo_release import release
 
     folder = tmp_path / "released"
     shutil.copytree(tiny_demo / "released", folder)

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mindhier.demo import (
-    RECIPES, REGRESSION_TOLERANCE, check_released_against_code, check_same_data, ensure_world,
-    regression_metrics, released_checkpoints,
-)
+from mindhier.demo import RECIPES, check_released_against_code, check_same_data, ensure_world, released_checkpoints
+from mindhier.demo_release import REGRESSION_TOLERANCE, regression_metrics
 
 RELEASED = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from mindhier.checkpoint import honour_umask, paths_for
-from mindhier.demo import RELEASE_DTYPE, Timer, ensure_world, run_command, run_stage, say
+from mindhier.demo import Timer, ensure_world, run_command, run_stage, say
+from mindhier.demo_release import RELEASE_DTYPE
 from mindhier.errors import MindhierError
 
 STAGES = ("reader", "vision", "tokenizer", "generator")
