@@ -107,8 +107,6 @@ def test_from_scratch_rerun_reuses_finished_stages(tiny_demo, capsys):
 
 def copy_runs(tiny_demo, tmp_path):
     """The demo's training runs and foundation folder, copied, with the stage markers naming the copies."""
-    import shutil
-
     runs, foundation = tmp_path / "train", tmp_path / "foundation"
     shutil.copytree(tiny_demo / "run" / "train", runs)
     shutil.copytree(tiny_demo / "foundation", foundation)
@@ -150,8 +148,6 @@ def test_missing_foundation_and_flag_misuse_are_refused_with_the_fix(tiny_demo, 
 
 
 def test_stale_released_checkpoint_is_refused_with_retrain_hint(tiny_demo, tmp_path):
-    import shutil
-
     folder = tmp_path / "released"
     shutil.copytree(tiny_demo / "released", folder)
     meta = json.loads((folder / "tokenizer.json").read_text())
