@@ -29,6 +29,8 @@ class DataError(MindhierError):
     """A data file is missing, damaged or inconsistent with the rest of the layout."""
 
 
+REAL_KINDS = "iuf"  # numpy dtype kinds of real numbers: signed, unsigned, floating
+
 # ----------------------------------------------------------------------------- behav tars
 
 
@@ -74,9 +76,11 @@ def read_behav_tar(path: str | Path) -> np.ndarray:
 def _parse_behav(path: Path, key: str, raw: bytes) -> np.ndarray:
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise DataError(f"{path}: {key}.behav.npy is not a readable numeric .npy ({err}); re-create the tar.") from None
-    if arr.size != layout.BEHAV_COLUMNS or arr.ndim > 2 or not np.issubdtype(arr.dtype, np.number):
+    except Exception as err:  # noqa: BLE001 — numpy parses the header with Python's tokenizer and
+        # literal_eval, so damaged bytes raise ValueError, TokenError, TypeError…: all the file's fault
+        raise DataError(f"{path}: {key}.behav.npy is not a readable numeric .npy ({err!r}); re-create the tar.") from None
+    # real numbers only: complex and timedelta count as np.number, but cast to float silently wrong
+    if arr.size != layout.BEHAV_COLUMNS or arr.ndim > 2 or arr.dtype.kind not in REAL_KINDS:
         raise DataError(
             f"{path}: {key}.behav.npy has shape {arr.shape} dtype {arr.dtype}; expected (1, "
             f"{layout.BEHAV_COLUMNS}) numbers (MindEye2 behav layout) — this tar was written by "
@@ -103,23 +107,56 @@ def _natural_key(key: str):
 # ----------------------------------------------------------------------------- HDF5 helpers
 
 
+# What h5py raises on a damaged file depends on the structure the damage hit: OSError for the
+# superblock and for data reads, KeyError or RuntimeError for the object tree, ValueError or
+# TypeError for a datatype it cannot map to numpy. Caught only around h5py calls.
+HDF5_DAMAGE = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+def _damaged(path: Path, err: Exception) -> DataError:
+    return DataError(f"{path}: not a readable HDF5 file ({err}); the file is truncated or corrupt — get it again.")
+
+
 def _open_hdf5(path: Path, what: str) -> h5py.File:
     if not path.is_file():
         raise DataError(f"{path}: {what} not found; {GET_DATA_HINT}.")
     try:
         return h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(f"{path}: not a readable HDF5 file ({err}); the file is truncated or corrupt — get it again.") from None
+    except HDF5_DAMAGE as err:
+        raise _damaged(path, err) from None
 
 
 def _dataset(f: h5py.File, path: Path, key: str) -> h5py.Dataset:
-    if key not in f or not isinstance(f[key], h5py.Dataset):
+    try:
+        # not f.get(key): it answers None for a damaged object, which would read as a missing one
+        ds = f[key] if key in f else None  # noqa: SIM401
+        if isinstance(ds, h5py.Dataset):
+            _header = ds.shape, ds.dtype  # parsed here, so damage in them is a DataError too
+            return ds
         found = sorted(f.keys())
-        raise DataError(
-            f"{path}: no dataset {key!r} (found: {found or 'nothing'}); the MindEye2 layout stores "
-            f"it under {key!r} — rename the dataset or point to the right file."
-        )
-    return f[key]
+    except HDF5_DAMAGE as err:
+        raise _damaged(path, err) from None
+    raise DataError(
+        f"{path}: no dataset {key!r} (found: {found or 'nothing'}); the MindEye2 layout stores "
+        f"it under {key!r} — rename the dataset or point to the right file."
+    )
+
+
+def _read_rows(ds: h5py.Dataset, rows: np.ndarray, path: Path) -> np.ndarray:
+    """:func:`read_rows` where damage in the data (a cut chunk, a broken chunk index or gzip
+    stream) only shows when read: a DataError naming the file."""
+    try:
+        return read_rows(ds, rows)
+    except HDF5_DAMAGE as err:
+        raise _damaged(path, err) from None
+
+
+def _check_real(ds: h5py.Dataset, path: Path, what: str) -> None:
+    """Real numbers only: strings or compounds fail later as a bare cast error, and bool or
+    complex values cast silently to something that is not data."""
+    if ds.dtype.kind not in REAL_KINDS:
+        raise DataError(f"{path}: dataset {ds.name.lstrip('/')!r} has dtype {ds.dtype}; expected {what} — "
+                        "this file was written by another tool or is damaged.")
 
 
 def read_rows(ds: h5py.Dataset, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -207,6 +244,7 @@ class BetasFile(_PerProcessFile):
                 f"{self.path}: dataset 'betas' has shape {ds.shape}; expected 2-D (trials, voxels) — "
                 "volumes must be masked and flattened first (`mindhier prepare-nsd`)."
             )
+        _check_real(ds, self.path, "real numbers (float32 z-scored betas)")
         self.num_trials, self.num_voxels = (int(s) for s in ds.shape)
         self.dtype = ds.dtype  # as stored: an integer dtype is a hint of undivided NSD betas
         if expected_voxels is not None and self.num_voxels != int(expected_voxels):
@@ -228,7 +266,7 @@ class BetasFile(_PerProcessFile):
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Betas of the given trial rows (any order, duplicates allowed) as float32 (n, V)."""
         rows = _check_indices(rows, self.num_trials, self.path, "trial row")
-        out = read_rows(self._ds(), rows).astype(np.float32, copy=False)
+        out = _read_rows(self._ds(), rows, self.path).astype(np.float32, copy=False)
         self._check_finite(out, rows)
         return out
 
@@ -280,7 +318,8 @@ class ImageStore(_PerProcessFile):
             raise DataError(f"{h5}: image file not found (nor PNGs in {folder}/); {GET_DATA_HINT}.")
 
     def _init_hdf5(self) -> None:
-        shape = self._ds().shape
+        ds = self._ds()
+        shape = ds.shape
         if len(shape) == 4 and shape[1] != 3 and shape[-1] == 3:
             raise DataError(
                 f"{self.path}: dataset 'images' has shape {shape}, channels-last (N, H, W, 3); "
@@ -289,6 +328,7 @@ class ImageStore(_PerProcessFile):
             )
         if len(shape) != 4 or shape[1] != 3:
             raise DataError(f"{self.path}: dataset 'images' has shape {shape}; expected (N, 3, H, W) RGB images in [0, 1].")
+        _check_real(ds, self.path, "real numbers (float16 RGB in [0, 1])")
         self.num_images = int(shape[0])
         self.image_size = (int(shape[2]), int(shape[3]))
 
@@ -322,7 +362,7 @@ class ImageStore(_PerProcessFile):
         Only for a uint8 source (``imgBrick``); float sources are rounded."""
         idx = _check_indices(np.atleast_1d(indices), self.num_images, self.path, "image index")
         if self.kind == "imgbrick":
-            return np.ascontiguousarray(read_rows(self._ds(), idx).transpose(0, 3, 1, 2))
+            return np.ascontiguousarray(_read_rows(self._ds(), idx, self.path).transpose(0, 3, 1, 2))
         return np.round(self.get(idx) * 255).astype(np.uint8)
 
     def get(self, indices) -> np.ndarray:
@@ -330,7 +370,7 @@ class ImageStore(_PerProcessFile):
         idx = _check_indices(np.atleast_1d(indices), self.num_images, self.path, "image index")
         if self.kind == "imgbrick":
             return self.get_uint8(idx).astype(np.float32) / 255.0
-        images = read_rows(self._ds(), idx).astype(np.float32) if self.kind == "hdf5" else self._get_png(idx)
+        images = _read_rows(self._ds(), idx, self.path).astype(np.float32) if self.kind == "hdf5" else self._get_png(idx)
         lo, hi = (float(images.min()), float(images.max())) if images.size else (0.0, 1.0)
         if not np.isfinite([lo, hi]).all() or lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
             hint = " — it looks like 0–255 pixel values: divide by 255" if hi > 1.5 else ""
