@@ -12,6 +12,10 @@ and as attributes the model identity (JSON), the layers and a format version. HD
 training step read just the rows of its batch. The file name carries a hash of the key, and
 :class:`TargetCache` re-checks the stored identity, so a cache made by another model or for
 other layers is never used silently.
+
+Processes that need the same cache at once (a sweep of encoder runs, two runs sharing a
+targets folder) build it once: :func:`cached_targets` holds an exclusive lock on
+``{cache}.lock`` while building, and a process that waited for it reuses what the holder wrote.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -29,6 +36,11 @@ from tqdm.auto import tqdm
 from mindhier.data import ImageStore, caption_for, load_captions
 from mindhier.errors import MindhierError
 from mindhier.vision.base import VisionHierarchy
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock; the atomic rename still keeps every cache whole
+    fcntl = None
 
 FORMAT_VERSION = 1
 CAPTION_VARIANTS = 3  # the official code uses caption i % 3 of image i
@@ -56,13 +68,15 @@ def build_target_cache(model: VisionHierarchy, image_store: ImageStore, image_in
     """Compute and write the targets of ``image_indices`` (see module doc) to ``out_path``.
 
     ``captions`` is the (N, k) caption array or None (no text targets). Written to a temporary
-    file and renamed at the end, so an interrupted build leaves nothing that looks complete."""
+    file and renamed at the end, so an interrupted build leaves nothing that looks complete.
+    The temporary name is this builder's own: the pid alone can repeat across containers (PID
+    namespaces) or hosts sharing the folder, and two writers of one file would corrupt it."""
     layers = model.check_layers(layers)
     indices = np.unique(np.asarray(image_indices, dtype=np.int64))
     key = cache_key(model, layers, captions is not None)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
+    tmp = out_path.with_name(out_path.name + f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
     n, t, d = len(indices), model.num_tokens, model.feature_dim
     try:
         with h5py.File(tmp, "w") as f:
@@ -183,21 +197,56 @@ def cached_targets(model: VisionHierarchy, data_root, layers, cache_dir, image_i
                    with_text: bool = True, batch_size: int = 64, in_memory: bool = False,
                    show_progress: bool = True) -> TargetCache:
     """The target cache for ``model`` + ``layers`` on ``data_root``'s images: reused when a
-    matching file exists and covers ``image_indices`` (default: every image), built otherwise."""
-    store = ImageStore(data_root)
-    wanted = np.arange(store.num_images) if image_indices is None else np.unique(np.asarray(image_indices))
-    tag = "" if image_indices is None else f"_n{len(wanted)}_{hashlib.sha256(wanted.tobytes()).hexdigest()[:8]}"
-    path = cache_path(model, layers, cache_dir, with_text, tag)
-    key = cache_key(model, model.check_layers(layers), with_text)
-    if path.is_file():
-        try:
-            cache = TargetCache(path, expect_key=key, in_memory=in_memory)
-            if np.isin(wanted, cache.image_indices).all():
+    matching file exists and covers ``image_indices`` (default: every image), built otherwise.
+    Safe to call from several processes at once: one builds, the others wait and reuse it."""
+    with ImageStore(data_root) as store:
+        wanted = np.arange(store.num_images) if image_indices is None else np.unique(np.asarray(image_indices))
+        tag = "" if image_indices is None else f"_n{len(wanted)}_{hashlib.sha256(wanted.tobytes()).hexdigest()[:8]}"
+        path = cache_path(model, layers, cache_dir, with_text, tag)
+        key = cache_key(model, model.check_layers(layers), with_text)
+        cache = _reusable(path, key, wanted, in_memory)  # no lock needed to read: files appear whole
+        if cache is not None:
+            return cache
+        with _build_lock(path, show_progress):
+            cache = _reusable(path, key, wanted, in_memory)  # again: the lock's last holder may have built it
+            if cache is not None:
                 return cache
-        except TargetCacheError:
-            pass  # damaged or stale under a colliding name: rebuild below
-    captions = load_captions(data_root) if with_text else None
-    build_target_cache(model, store, wanted, captions, layers, path, batch_size=batch_size,
-                       show_progress=show_progress)
-    store.close()
+            captions = load_captions(data_root) if with_text else None
+            build_target_cache(model, store, wanted, captions, layers, path, batch_size=batch_size,
+                               show_progress=show_progress)
     return TargetCache(path, expect_key=key, in_memory=in_memory)
+
+
+def _reusable(path: Path, key: dict, wanted: np.ndarray, in_memory: bool) -> TargetCache | None:
+    """The cache at ``path`` if it matches ``key`` and holds every ``wanted`` image, else None."""
+    if not path.is_file():
+        return None
+    try:
+        cache = TargetCache(path, expect_key=key, in_memory=in_memory)
+    except TargetCacheError:
+        return None  # damaged or stale under a colliding name: the caller rebuilds it
+    if np.isin(wanted, cache.image_indices).all():
+        return cache
+    cache.close()
+    return None
+
+
+@contextmanager
+def _build_lock(path: Path, show_progress: bool):
+    """Holds an exclusive flock on ``{path}.lock``. The OS releases it when its holder exits, so
+    a killed build never leaves the cache locked. The lock file itself stays: deleting it would
+    let a newcomer lock a fresh file while a waiter still holds the old one."""
+    if fcntl is None:
+        yield
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:  # closing it releases the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if show_progress:
+                print(f"[mindhier] {path.name}: another process is building it; waiting to reuse it",
+                      file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
