@@ -326,6 +326,8 @@ class Trainer:
         """Tokens of every training image, computed once by rank 0 into OUT/tokens.safetensors."""
         from safetensors.torch import load_file, save_file
 
+        from mindhier.checkpoint import honour_umask
+
         path = self.out / "tokens.safetensors"
         wanted = np.unique(self.train.image_indices)
         key = json.dumps(checkpoint_identity(self.tok_meta), sort_keys=True)
@@ -339,6 +341,7 @@ class Trainer:
                 rows = [self._tokenize(c).cpu() for c in common.progress(chunks, desc="tokenizing training images")]
                 save_file({"image_index": torch.from_numpy(wanted), "tokens": torch.cat(rows).to(torch.int32)},
                           str(path), metadata={"tokenizer": key})
+                honour_umask(path)  # safetensors writes 0600; the run's other files follow the umask
         if self.d.enabled:
             torch.distributed.barrier()
         table = load_file(str(path))
