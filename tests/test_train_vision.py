@@ -156,3 +156,60 @@ def test_hard_negatives_enter_the_image_side_only_and_rows_without_one_drop_out(
 def test_hard_negatives_need_captions_naming_two_shapes(pairs_root, tmp_path):
     with pytest.raises(MindhierError, match="hard-negatives needs captions that name at least two"):
         train_vision.train(args_for(pairs_root, tmp_path / "v", hard_negatives="shape"), Dist(0, 1, 0, torch.device("cpu")))
+
+
+@pytest.fixture(scope="module")
+def labelled_root(pairs_root, tmp_path_factory):
+    """pairs_root plus scene labels (corpus/labels.npz): main_category 0, 3, 6, 9 by the square's colour."""
+    import shutil
+
+    from mindhier.data import layout
+
+    root = tmp_path_factory.mktemp("labelled") / "pairs"
+    shutil.copytree(pairs_root, root)
+    category = (np.arange(64) % 4) * 3
+    layout.corpus_labels_path(root).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(layout.corpus_labels_path(root), main_category=category)
+    return root, category
+
+
+def shape_head_accuracy(out, root, labels) -> float:
+    """Accuracy of the saved training-only head on the training images, through the released model."""
+    from safetensors.torch import load_file
+
+    from mindhier.data import ImageStore
+
+    tensors = load_file(str(out / "vision.safetensors"))
+    clip = load_vision(out)  # strict keys: the head is not part of the model
+    train = np.arange(56)
+    emb = torch.nn.functional.normalize(clip.image_embedding(torch.from_numpy(ImageStore(root).get(train))), dim=-1)
+    logits = train_vision.HEAD_SCALE * emb @ tensors["train.shape_head.weight"].T + tensors["train.shape_head.bias"]
+    return float((logits.argmax(1).numpy() == labels[train]).mean())
+
+
+def test_label_loss_trains_a_head_on_the_embedding_and_resumes_exactly(labelled_root, tmp_path, capsys):
+    root, labels = labelled_root
+    cpu = Dist(0, 1, 0, torch.device("cpu"))
+    train_vision.train(args_for(root, tmp_path / "full", epochs=12, no_bf16=True, label_loss=1), cpu)
+    full = losses_from(capsys)
+    assert shape_head_accuracy(tmp_path / "full", root, labels) >= 0.9
+    assert read_metadata(tmp_path / "full" / "vision")["train"]["label_loss"] == 1
+    # the head's loss is part of the objective: without it the same run ends elsewhere
+    train_vision.train(args_for(root, tmp_path / "plain", epochs=12, no_bf16=True), cpu)
+    plain = losses_from(capsys)
+    assert plain != pytest.approx(full, rel=1e-3)
+    # interrupted after 6 of 12 epochs and resumed: the head and its optimiser state come back
+    train_vision.train(args_for(root, tmp_path / "part", epochs=12, stop_after=6, no_bf16=True, label_loss=1), cpu)
+    capsys.readouterr()
+    with pytest.raises(MindhierError, match="--label-loss 1.0, not 0.0"):
+        train_vision.train(args_for(root, tmp_path / "part", epochs=12, resume=True), cpu)
+    train_vision.train(args_for(root, tmp_path / "part", epochs=12, no_bf16=True, resume=True, label_loss=1), cpu)
+    assert losses_from(capsys) == pytest.approx(full[6:], rel=1e-4)
+    assert shape_head_accuracy(tmp_path / "part", root, labels) == shape_head_accuracy(tmp_path / "full", root, labels)
+
+
+def test_label_loss_needs_scene_labels(pairs_root, tmp_path):
+    from mindhier.data import DataError
+
+    with pytest.raises(DataError, match="--label-loss needs scene labels"):
+        train_vision.train(args_for(pairs_root, tmp_path / "v", label_loss=1), Dist(0, 1, 0, torch.device("cpu")))

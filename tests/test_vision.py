@@ -291,3 +291,30 @@ def test_conv_stem_keeps_the_token_grid_and_sees_within_a_patch():
         conv_stem(128, 6)
     with pytest.raises(VisionError, match="unknown stem"):
         SmallClipModel(replace(cfg, stem="pyramid"))
+
+
+def test_convnet_stem_is_a_local_residual_cnn_under_the_same_token_grid():
+    from dataclasses import replace
+
+    from mindhier.vision.small_clip import ResidualConv, convnet_stem
+
+    cfg = replace(PRESETS["hybrid"], vocab_size=10)
+    model = SmallClipModel(cfg).eval()
+    assert cfg.stem == "convnet" and cfg.num_tokens == PRESETS["demo"].num_tokens
+    states = model.visual.hidden_states(torch.rand(2, 3, 64, 64))
+    assert len(states) == cfg.layers + 1
+    assert all(tuple(h.shape) == (2, cfg.num_tokens, cfg.width) for h in states)
+    stem = convnet_stem(128, 8)
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in stem) == 3
+    assert sum(isinstance(m, ResidualConv) for m in stem) == 3
+    # receptive field: 3 stride-2 and 3 stride-1 3x3 convs cover 43 px, so a change inside the
+    # 8x8 patch (1, 1) (pixels 8-15) reaches tokens 0-4 of each axis and none from 5 on
+    a = torch.rand(1, 3, 64, 64)
+    b = a.clone()
+    b[..., 8:16, 8:16] = b[..., 8:16, 8:16].flip(-1)
+    with torch.no_grad():
+        diff = (stem(a) - stem(b)).abs().sum(1)[0]
+    assert diff[1, 1] > 0 and diff[4, 4] > 0
+    assert diff[5:].max() == 0 and diff[:, 5:].max() == 0
+    with pytest.raises(VisionError, match="power-of-two"):
+        convnet_stem(128, 6)

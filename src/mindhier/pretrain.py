@@ -61,8 +61,8 @@ RECIPES: dict[str, PretrainRecipe] = {
     "demo": PretrainRecipe(
         corpus="demo", world="demo",
         reader=("--preset", "demo", "--steps", "5000", "--batch", "128", "--lr", "2e-3", "--save-every", "250"),
-        vision=("--preset", "demo", "--epochs", "2", "--global-batch", "128", "--lr", "1e-3",
-                "--hard-negatives", "shape"),
+        vision=("--preset", "hybrid", "--epochs", "4", "--global-batch", "128", "--lr", "1e-3",
+                "--hard-negatives", "shape", "--label-loss", "1"),
         tokenizer=("--preset", "foundation", "--steps", "6000", "--global-batch", "16", "--lr", "2e-3",
                    "--save-every", "250"),
         generator=("--preset", "demo", "--steps", "1800", "--global-batch", "32", "--lr", "1e-3",
@@ -71,7 +71,8 @@ RECIPES: dict[str, PretrainRecipe] = {
     "tiny": PretrainRecipe(
         corpus="tiny", world="tiny",
         reader=("--preset", "tiny", "--steps", "20", "--batch", "32", "--save-every", "10"),
-        vision=("--preset", "tiny", "--epochs", "1", "--global-batch", "32", "--hard-negatives", "shape"),
+        vision=("--preset", "tiny", "--epochs", "1", "--global-batch", "32", "--hard-negatives", "shape",
+                "--label-loss", "1"),
         tokenizer=("--preset", "tiny", "--steps", "10", "--global-batch", "8"),
         generator=("--preset", "tiny", "--steps", "6", "--global-batch", "8", "--warmup", "2",
                    "--sample-every", "0", "--sample-images", "2"),

@@ -48,7 +48,8 @@ class SmallClipConfig:
     embed_dim: int = 128  # the shared projection space (CLIP-L: 768)
     mlp_ratio: int = 4
     vocab_size: int = 0  # 0 in presets: set from the world's captions when training starts
-    stem: str = "patch"  # "patch": one stride-p conv (CLIP); "conv": stride-2 3×3 convs (see conv_stem)
+    stem: str = "patch"  # "patch": one stride-p conv (CLIP); "conv": stride-2 3×3 convs (conv_stem);
+    #                      "convnet": a residual conv trunk, two 3×3 convs per halving (convnet_stem)
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +74,12 @@ PRESETS = {
     # over the first 550 steps (0.42 vs 0.46, the shape-blind floor being ≈ 0.35): no sign yet
     # that it learns shape; stopped there.
     "foundation": SmallClipConfig(stem="conv"),
+    # hybrid: a hybrid ViT (Dosovitskiy et al. 2021, §3.1 "Hybrid Architecture"): the 8×8 token
+    # grid comes from a small residual CNN (two 3×3 convs per halving, like the world reader's
+    # trunk) instead of one patchify conv, then the same 8 transformer layers. The stems above
+    # left the main object's shape at chance in every layer; a CNN of this shape learns it from
+    # labels in ~2000 steps (the world reader). Measured results: checkpoints/foundation/vision.md.
+    "hybrid": SmallClipConfig(stem="convnet"),
 }
 
 
@@ -88,6 +95,37 @@ def conv_stem(width: int, patch: int) -> nn.Sequential:
     for cin, cout in zip(chans[:-1], chans[1:]):
         layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), ChannelNorm(cout), nn.GELU()]
     return nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
+
+
+def convnet_stem(width: int, patch: int) -> nn.Sequential:
+    """A residual CNN trunk that turns the image into the (H/p × W/p) token grid: per halving a
+    stride-2 3×3 conv (channels doubling up to ``width``) then a residual 3×3 conv, each followed
+    by a per-position channel norm and GELU. Deeper than :func:`conv_stem` (two convs per level),
+    so shape (edges → corners → outlines) is built before the transformer sees a token."""
+    steps = int(math.log2(patch))
+    if 2 ** steps != patch:
+        raise VisionError(f"the convnet stem needs a power-of-two patch size, got {patch}")
+    chans = [3] + [max(width // 2 ** (steps - 1 - i), 16) for i in range(steps)]
+    layers: list[nn.Module] = []
+    for cin, cout in zip(chans[:-1], chans[1:]):
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), ChannelNorm(cout), nn.GELU(),
+                   ResidualConv(cout)]
+    return nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
+
+
+class ResidualConv(nn.Module):
+    """x + GELU(norm(conv3×3(x))): a stride-1 conv that can start as (almost) the identity."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = ChannelNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.gelu(self.norm(self.conv(x)))
+
+
+STEMS = {"conv": conv_stem, "convnet": convnet_stem}
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -161,10 +199,10 @@ class VisionTower(nn.Module):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
             raise VisionError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-        if cfg.stem not in ("patch", "conv"):
-            raise VisionError(f"unknown stem {cfg.stem!r}; use 'patch' or 'conv'")
+        if cfg.stem not in ("patch", *STEMS):
+            raise VisionError(f"unknown stem {cfg.stem!r}; use one of patch, {', '.join(STEMS)}")
         self.patch = (nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False) if cfg.stem == "patch"
-                      else conv_stem(cfg.width, cfg.patch_size))
+                      else STEMS[cfg.stem](cfg.width, cfg.patch_size))
         self.cls = nn.Parameter(torch.randn(cfg.width) * cfg.width**-0.5)
         self.pos = nn.Parameter(torch.randn(cfg.num_tokens, cfg.width) * 0.02)
         self.ln_pre = nn.LayerNorm(cfg.width)
