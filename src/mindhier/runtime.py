@@ -2,8 +2,8 @@
 
 One module for the library's commands (`reconstruct`) and the training loops alike. Under
 `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK set) a process joins the group torchrun prepared
-(gloo on CPU, nccl on CUDA); with plain `python` it is rank 0 of 1 and never touches
-torch.distributed.
+(gloo on CPU; on CUDA nccl for CUDA tensors, gloo for CPU ones); with plain `python` it is
+rank 0 of 1 and never touches torch.distributed.
 """
 
 from __future__ import annotations
@@ -51,8 +51,15 @@ def init_distributed(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend=process_group_backend(dev))
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo for CPU ones. NCCL alone refuses
+    CPU tensors ("No backend type associated with device type cpu"), and the loops reduce
+    some host-side statistics (train-generator's loss and accuracy) as CPU tensors."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def shutdown(d: Dist, failed: BaseException | None = None) -> None:

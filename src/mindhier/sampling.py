@@ -161,10 +161,12 @@ def reconstruct(generator: ScaleAwareGenerator, tokenizer, cond: Condition, null
                 settings: SamplingSettings, image_ids: Sequence[int], *,
                 predicted: torch.Tensor | None = None,
                 embed_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                return_cumulative: bool = False) -> Reconstructions:
+                return_cumulative: bool = False,
+                on_scale: Callable[[int], None] | None = None) -> Reconstructions:
     """Reconstruct a batch: N candidates per image (seeded per image and candidate), decode,
     and pick the best by similarity to the encoder's ``predicted`` embedding (B, ...) under
-    ``embed_images`` ([0,1] images → embeddings). ``image_ids`` are the images' global indices."""
+    ``embed_images`` ([0,1] images → embeddings). ``image_ids`` are the images' global indices.
+    ``on_scale`` is passed to :func:`sample_indices` (bench/device_check.py times scales with it)."""
     B, N = cond.batch_size, settings.num_candidates
     if len(image_ids) != B:
         raise SamplingError(f"{len(image_ids)} image ids for a batch of {B}")
@@ -177,7 +179,7 @@ def reconstruct(generator: ScaleAwareGenerator, tokenizer, cond: Condition, null
             rngs.append(torch.Generator(device=device).manual_seed(image_seed(settings.seed, int(i), c)))
     rows = torch.arange(B, device=device).repeat_interleave(N)    # image of each (image, candidate)
     indices = sample_indices(generator, tokenizer, cond.take(rows),
-                             None if null_cond is None else null_cond.take(rows), settings, rngs)
+                             None if null_cond is None else null_cond.take(rows), settings, rngs, on_scale)
     images = decode_each(tokenizer, indices).unflatten(0, (B, N))
     per_image = [idx.unflatten(0, (B, N)) for idx in indices]
     out = Reconstructions(single_shot=images[:, 0], best_of_n=None, num_candidates=N)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mindhier.errors import MindhierError
 from mindhier.generator.blocks import AdaLNHead, GeneratorBlock, init_generator_weights, rope_angles
@@ -95,6 +96,12 @@ class ScaleAwareGenerator(nn.Module):
             for _ in range(cfg.depth)
         )
         self.head = AdaLNHead(C, cfg.vocab_size, cfg.norm_eps)
+        # Activation checkpointing (a run setting, not part of the config: the function is the
+        # same): teacher forcing keeps only each block's input and recomputes the block in the
+        # backward pass, trading ~1/3 more compute for memory: at the paper's size (30 blocks,
+        # L = 2240 tokens, width 1920) the activations of a per-GPU batch would otherwise dwarf
+        # the weights and optimizer state (bench/device_check.py measures both settings).
+        self.checkpoint_activations = False
         self._build_tables()
         self.init_weights()
 
@@ -243,8 +250,13 @@ class ScaleAwareGenerator(nn.Module):
         cross_mask = self.cross_mask(cond)
         hidden = [x]
         rotation = self.rope_table(x.device)
+        recompute = self.checkpoint_activations and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cond_vec, rotation, self.self_mask, cross_mask, context=context)
+            if recompute:   # the block is called inside, so FSDP2's hooks gather its weights again
+                x = checkpoint(block, x, cond_vec, rotation, self.self_mask, cross_mask, context=context,
+                               use_reentrant=False)
+            else:
+                x = block(x, cond_vec, rotation, self.self_mask, cross_mask, context=context)
             hidden.append(x)
         logits = self.head(x, cond_vec)
         return (logits, hidden) if return_hidden else logits
