@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mindhier.config import ConfigError, config_hash, diff_configs, to_dict
 from mindhier.errors import MindhierError
@@ -67,9 +70,17 @@ def save_checkpoint(
     config: Any,
     extra: dict | None = None,
 ) -> Path:
-    """Write weights + metadata atomically (temp files then rename: a crash loses nothing)."""
+    """Write weights + metadata so that a process killed at any instant leaves a complete pair.
+
+    Both halves go to temporary files in the same folder first (fsynced) and carry the same
+    random ``write_id`` (in the JSON and in the safetensors header). The rename of the .json is
+    the commit; the rename of the weights follows. Killed before the commit, the old pair is
+    untouched; killed between the two renames, the new weights wait in ``NAME.safetensors.tmp``
+    and the next load or save finishes the rename (:func:`finish_interrupted_save`)."""
     weights, meta_path = paths_for(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_save(weights, meta_path)  # else this save would overwrite its weights
+    write_id = uuid.uuid4().hex
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -78,15 +89,95 @@ def save_checkpoint(
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
+        "write_id": write_id,  # after extra: metadata copied from a loaded checkpoint carries an old one
     }
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    tmp_w, tmp_m = weights.with_suffix(".safetensors.tmp"), meta_path.with_suffix(".json.tmp")
-    save_file(flat, str(tmp_w), metadata={"kind": kind})
-    tmp_m.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp_w, tmp_m = _temporary(weights), _temporary(meta_path)
+    save_file(flat, str(tmp_w), metadata={"kind": kind, "write_id": write_id})
+    _fsync(tmp_w)
+    with open(tmp_m, "w") as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
     honour_umask(tmp_w, tmp_m)
-    os.replace(tmp_w, weights)
-    os.replace(tmp_m, meta_path)
+    os.replace(tmp_m, meta_path)  # the commit
+    _fsync(weights.parent)
+    _hang_for_tests(meta_path)
+    finish_interrupted_save(weights, meta_path)
+    if _write_id(weights) != write_id:
+        raise CheckpointError(f"could not move {tmp_w.name} to {weights}; {meta_path.name} already names it")
     return weights
+
+
+# Test hook (tests/test_crash_resume.py): with MINDHIER_TEST_HANG_IN_SAVE=N, the N-th save of
+# the process stops right after its commit (the new .json in place, the new weights still a
+# temporary file: the one instant where the final files disagree), says so on stderr and waits
+# to be killed, so that a test can SIGKILL a training command exactly there. Unset, it costs nothing.
+HANG_ENV = "MINDHIER_TEST_HANG_IN_SAVE"
+_saves_so_far = 0
+
+
+def _hang_for_tests(meta_path: Path) -> None:
+    global _saves_so_far
+    _saves_so_far += 1
+    if _saves_so_far == int(os.environ.get(HANG_ENV) or 0):
+        print(f"{HANG_ENV}: save {_saves_so_far} committed {meta_path}; waiting to be killed",
+              file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (so that after a power cut no rename
+    survives without the data it names). Folders cannot be opened everywhere: best effort."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_id(weights: Path) -> str | None:
+    """The write id in a safetensors header (None: no file, no id, or unreadable)."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return (f.metadata() or {}).get("write_id")
+    except Exception:  # safetensors raises its own error types; load_checkpoint reports them
+        return None
+
+
+def _meta_write_id(meta_path: Path) -> str | None:
+    try:
+        return json.loads(meta_path.read_text()).get("write_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def finish_interrupted_save(weights: Path, meta_path: Path) -> bool:
+    """Complete a save that was killed after its commit: move NAME.safetensors.tmp into place
+    when it, not NAME.safetensors, belongs to the committed .json. True when it did."""
+    tmp_w = _temporary(weights)
+    if not tmp_w.exists():
+        return False
+    wanted = _meta_write_id(meta_path)
+    if wanted is None or _write_id(weights) == wanted or _write_id(tmp_w) != wanted:
+        return False  # nothing committed is waiting (a temp file of a save killed before its commit)
+    try:
+        os.replace(tmp_w, weights)
+    except FileNotFoundError:
+        return False  # another process (the writer itself, or another loader) finished it
+    except OSError:
+        return False  # a read-only folder: load_checkpoint reads the temporary file instead
+    _fsync(weights.parent)
+    return True
 
 
 def current_umask() -> int:
@@ -143,13 +234,30 @@ def load_checkpoint(
         )
     if config is not None:
         check_config(meta, config, meta_path)
+    wanted = meta.get("write_id")
+    if wanted is not None:
+        finish_interrupted_save(weights, meta_path)
+        if _write_id(weights) != wanted and _write_id(_temporary(weights)) == wanted:
+            weights = _temporary(weights)  # the rename failed (a read-only folder): the committed weights
     if not weights.exists():
         raise CheckpointError(f"checkpoint weights {weights} not found next to {meta_path.name}")
+    tensors, found = _read_weights(weights, device)
+    if wanted is not None and found is not None and found != wanted:
+        raise CheckpointError(
+            f"{meta_path.name} and {weights.name} in {weights.parent} come from different saves (write ids "
+            f"{wanted} and {found}): the files were copied or edited one at a time; restore both from one save")
+    return tensors, meta
+
+
+def _read_weights(weights: Path, device) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(tensors, write id) from one open of the file, so both belong to the same version of it.
+    Weights written before write ids, or copied by code that drops them, have none."""
     try:
-        tensors = load_file(str(weights), device=str(device))
+        with safe_open(str(weights), "pt", device=str(device)) as f:
+            found = (f.metadata() or {}).get("write_id")
+            return {k: f.get_tensor(k) for k in f.keys()}, found
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read {weights}: {err}; the file is damaged or truncated") from err
-    return tensors, meta
 
 
 def check_config(meta: dict, config: Any, where: Any = "checkpoint") -> None:

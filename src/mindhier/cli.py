@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-generator": ("mindhier.train.pretrain_generator", "pretrain the generator on the corpus, conditioned on each image's vision features"),
     "reconstruct": ("mindhier.reconstruct", "reconstruct test images from fMRI"),
     "evaluate": ("mindhier.evaluate", "score reconstructions against their stimuli (MindEye2 metrics)"),
+    "report": ("mindhier.run_report", "HTML report of reconstructions and their scores (reconstruct + evaluate outputs)"),
+    "curves": ("mindhier.curves", "draw a training run's curves (loss, lr, grad norm, held-out) from its log.jsonl"),
 }
 
 

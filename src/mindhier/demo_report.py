@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 METRIC_COLUMNS = [
     ("pixcorr", "PixCorr ↑", "float"),
@@ -200,23 +199,17 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
     linear probes of `mindhier.world.attributes`) and write the report."""
     from mindhier.evaluate import evaluate_reconstructions
     from mindhier.metrics import offline_metrics, pixel_metrics
-    from mindhier.report import write_report
+    from mindhier.run_report import read_recon_folder, write_reconstruction_report
     from mindhier.tokenizer import load_tokenizer
     from mindhier.vision import load_vision
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    primary = load_file(str(recon_dir / "recons.safetensors"))
-    image_index = primary["image_index"].numpy()
-    settings_json = json.loads((recon_dir / "settings.json").read_text())
+    recon = read_recon_folder(recon_dir)
+    image_index, settings_json = recon.image_index, recon.settings
     gts = load_test_images(world, subject, image_index)
-    rows = {}
-    single_path = recon_dir / "recons_single-shot.safetensors"
-    if single_path.exists():
-        rows["MindHier, single-shot"] = load_file(str(single_path))["recons"]
-    n_cand = settings_json.get("sampling", {}).get("num_candidates", 1)
-    main_name = f"MindHier, best-of-{n_cand}" if n_cand > 1 else "MindHier, single-shot"
-    rows[main_name] = primary["recons"]
+    rows = {f"MindHier, {label}": images for label, images in recon.sets.items()}  # single-shot first
+    main_name = f"MindHier, {recon.primary}"
     tokenizer = load_tokenizer(ck["tokenizer"], device=dev)
     rows["Ceiling: generator on true vision features"] = timer.run(
         "ceiling (true features)", true_feature_ceiling, ck, world, subject, gts, image_index, settings_json, dev)
@@ -239,8 +232,6 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
                           vision, dev)
         attribute_table = {"key": "attributes", "title": "What the reconstructions show", "intro": ATTRIBUTE_INTRO,
                            "rows": shown, "columns": ATTRIBUTE_COLUMNS}
-    n_show = min(recipe.report_images, len(gts))
-    strips = _strips(recon_dir, image_index, recipe.strips)
     settings = {
         "data": f"synthetic world `{world}` (recipe {recipe.world}), subject {subject:02d}",
         "split": f"held-out test images (new_test), n = {len(gts)}",
@@ -255,23 +246,16 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
         "AlexNet(2/5), Inception-v3, CLIP ViT-L/14, EffNet-B1 and SwAV need weight files this offline "
         "demo does not have: `mindhier evaluate --weights-dir` computes them when you supply them.",
     ]
-    paths = write_report(
-        out, title="mindhier demo: reconstructing images from simulated fMRI",
+    paths = write_reconstruction_report(
+        out, runs={"demo": recon}, shown={"demo": rows[main_name]}, stimuli={"demo": gts},
+        n_images=recipe.report_images, n_strips=recipe.strips,
+        title="mindhier demo: reconstructing images from simulated fMRI",
         intro=("A synthetic visual world with a simulated visual cortex (written in NSD's own layout) "
                "was decoded by the MindHier pipeline: hierarchical fMRI encoder → scale-aware "
                "coarse-to-fine generator → VQ-VAE decoder."),
         settings=settings, metric_rows=list(scored.items()), columns=METRIC_COLUMNS,
-        gt=gts[:n_show].numpy(), recon=rows[main_name][:n_show].float().numpy(),
-        strips=strips, timings=timer.seconds, notes=notes,
+        timings=timer.seconds, notes=notes,
         extra_tables=[attribute_table],
     )
     stage_metrics = {"reconstruction": scored, "attributes": dict(shown)}
     return {"metrics": stage_metrics, "paths": paths}
-
-
-def _strips(recon_dir: Path, image_index: np.ndarray, count: int) -> list[tuple[str, np.ndarray]]:
-    """The coarse-to-fine rows `mindhier reconstruct` wrote (the image after each scale)."""
-    from mindhier.report import read_grid_row
-
-    pngs = sorted((recon_dir / "coarse_to_fine").glob("*.png"))[:count]
-    return [(f"image {png.stem}", read_grid_row(png)) for png in pngs]

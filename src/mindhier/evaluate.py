@@ -243,14 +243,21 @@ def average_row(rows: dict[str, dict]) -> dict:
                 else float(np.mean([r[k] for r in rows.values()]))) for k in keys}
 
 
-def metrics_markdown(result: dict) -> str:
-    from mindhier.report import metric_table_markdown
+def table_rows(result: dict) -> tuple[list[tuple[str, dict]], list[tuple[str, str, str]]]:
+    """(rows, columns) of a metrics.json's table, as `mindhier.report` lays tables out: one row
+    per subject with its n, the average, then published numbers in italics."""
     columns = [(c["key"], c["label"] + (" ↑" if c["higher_is_better"] else " ↓"), c["display"])
                for c in result["columns"]]
     rows = [(f"{name} (n={result['n_images'][name]})", vals) for name, vals in result["rows"].items()
             if name != "average"]
     rows.append((f"**average** ({len(rows)} subject{'s' * (len(rows) != 1)})", result["rows"]["average"]))
     rows += [(f"*{name}*", vals) for name, vals in result["literature"]]
+    return rows, columns
+
+
+def metrics_markdown(result: dict) -> str:
+    from mindhier.report import metric_table_markdown
+    rows, columns = table_rows(result)
     setting = result["setting"]
     lines = ["# Reconstruction metrics", "",
              "MindEye2 `final_evaluations` procedure (SPEC §6). Two-way identification is shown in %; "

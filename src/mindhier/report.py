@@ -48,11 +48,14 @@ def read_grid_row(path: str | Path, cell: int = GRID_CELL, pad: int = GRID_PAD) 
     return np.stack(tiles).transpose(0, 3, 1, 2)
 
 
-def pairs_grid(gt: np.ndarray, recon: np.ndarray, per_row: int = 8, cell: int = 96) -> Image.Image:
-    """Ground truth above reconstruction, ``per_row`` pairs per band."""
+def pairs_grid(gt: np.ndarray, recon: np.ndarray | Sequence[np.ndarray], per_row: int = 8,
+               cell: int = 96) -> Image.Image:
+    """Ground truth above reconstruction (or above each of several reconstructions of the same
+    stimuli, e.g. one per subject), ``per_row`` stimuli per band."""
+    recons = [recon] if isinstance(recon, np.ndarray) else list(recon)
     rows = []
     for start in range(0, len(gt), per_row):
-        rows += [gt[start:start + per_row], recon[start:start + per_row]]
+        rows += [gt[start:start + per_row], *(r[start:start + per_row] for r in recons)]
     return image_grid(rows, cell=cell)
 
 
@@ -89,7 +92,7 @@ def write_report(
     metric_rows: list[tuple[str, dict]],
     columns: list[tuple[str, str, str]],
     gt: np.ndarray,
-    recon: np.ndarray,
+    recon: np.ndarray | list[tuple[str, np.ndarray]],
     strips: list[tuple[str, np.ndarray]] | None = None,
     timings: dict[str, float] | None = None,
     notes: list[str] | None = None,
@@ -97,11 +100,15 @@ def write_report(
 ) -> dict[str, Path]:
     """Write report.html, report.md, report.json and the PNGs into ``out_dir``.
 
+    ``recon``: the reconstructions of ``gt``, or [(label, reconstructions)] for several sets of
+    the same stimuli (e.g. per subject), drawn in that order under each stimulus.
+
     ``extra_tables``: further tables after the metrics, each a dict with ``key`` (its name in
     report.json), ``title``, ``intro``, ``rows`` and ``columns`` (as ``metric_rows`` / ``columns``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pairs_grid(gt, recon).save(out / "reconstructions.png")
+    labelled = isinstance(recon, list)
+    pairs_grid(gt, [r for _, r in recon] if labelled else recon).save(out / "reconstructions.png")
     strip_files = []
     for i, (label, strip) in enumerate(strips or []):
         name = f"coarse_to_fine_{i}.png"
@@ -115,8 +122,9 @@ def write_report(
     for extra in extra_tables or []:
         md += ["", f"## {extra['title']}", "", extra["intro"], "",
                metric_table_markdown(extra["rows"], extra["columns"])]
-    md += ["", "## Reconstructions (top: stimulus, bottom: reconstruction)", "",
-           "![reconstructions](reconstructions.png)", ""]
+    caption = (f"each band: stimulus, then {', '.join(label for label, _ in recon)}" if labelled
+               else "top: stimulus, bottom: reconstruction")
+    md += ["", f"## Reconstructions ({caption})", "", "![reconstructions](reconstructions.png)", ""]
     if strip_files:
         md += ["## Coarse to fine (the image after each scale)", ""]
         md += [f"**{label}**\n\n![{label}]({name})\n" for label, name in strip_files]

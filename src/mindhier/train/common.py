@@ -1,8 +1,10 @@
 """Pieces every training loop shares: optimiser groups, LR schedule, autocast, loss guard,
-progress bar, seeding, the JSON-lines log."""
+progress bar, seeding, the JSON-lines log (mirrored to TensorBoard when it is installed) and
+its curves."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import random
@@ -82,14 +84,56 @@ def grad_norm(model: torch.nn.Module) -> float:
 
 def trim_log(path, step: int) -> None:
     """A fresh run starts its JSON-lines log anew; a resumed one drops the lines written after
-    the checkpoint it resumes (they will be redone)."""
+    the checkpoint it resumes (they will be redone), in TensorBoard too."""
     path = Path(path)
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in keep))
+    _PURGE_STEP[path.parent.resolve()] = step
 
 
 def append_log(out, record: dict) -> None:
-    """One record (a dict with "step") as a line of OUT/log.jsonl."""
+    """One record (a dict with "step") as a line of OUT/log.jsonl, and its numbers as
+    TensorBoard scalars in OUT/tensorboard when the tensorboard package is importable."""
     with open(Path(out) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    writer = _tensorboard(out)
+    if writer is not None:
+        from mindhier.curves import scalars
+
+        for name, value in scalars(record).items():
+            writer.add_scalar(name, value, record["step"])
+
+
+# TensorBoard is optional (not a dependency): used when importable, with one writer per run
+# folder. A resumed run purges the events after its step, as trim_log drops its lines.
+_WRITERS: dict = {}
+_PURGE_STEP: dict = {}
+
+
+def _tensorboard(out):
+    key = Path(out).resolve()
+    if key not in _WRITERS:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch raises it when the tensorboard package is absent
+            _WRITERS[key] = None
+        else:
+            purge = _PURGE_STEP.get(key)
+            _WRITERS[key] = SummaryWriter(str(key / "tensorboard"), purge_step=None if purge is None else purge + 1)
+            atexit.register(_WRITERS[key].close)
+    return _WRITERS[key]
+
+
+def plot_curves(out) -> None:
+    """Redraw OUT/curves.png from OUT/log.jsonl (called at every checkpoint) and flush
+    TensorBoard. A failed drawing is reported, never fatal: the run matters more than its picture."""
+    from mindhier.curves import write_curves
+
+    writer = _WRITERS.get(Path(out).resolve())
+    if writer is not None:
+        writer.flush()
+    try:
+        write_curves(out)
+    except Exception as err:  # noqa: BLE001
+        print(f"warning: could not draw {Path(out) / 'curves.png'}: {type(err).__name__}: {err}", flush=True)

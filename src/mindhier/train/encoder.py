@@ -13,7 +13,9 @@ samples of the same micro batch. After every epoch the encoder is scored on the 
 (voxels averaged over repetitions): per-level cosine to its vision layer, and two-way
 identification and top-1 retrieval of the predicted image embedding. The checkpoint
 (OUT/encoder.safetensors + .json) carries optimizer and RNG state, so --resume continues exactly
-where a run stopped; metrics go to OUT/metrics.jsonl.
+where a run stopped. Every step's loss (and its parts), learning rate and gradient norm go to
+OUT/log.jsonl, each epoch's test scores to OUT/metrics.jsonl, and both are drawn into
+OUT/curves.png at every checkpoint (`mindhier curves OUT` redraws it).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision", required=True,
                    help="frozen vision model: a train-vision output (folder or checkpoint) or a local HF CLIP folder")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="encoder size")
-    p.add_argument("--out", required=True, help="output folder (checkpoint, metrics.jsonl)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint, log.jsonl, metrics.jsonl, curves.png)")
     p.add_argument("--epochs", type=int, default=20, help="passes over every training trial (paper: 300)")
     p.add_argument("--global-batch", type=int, default=64, help="samples per optimiser step, all processes together (paper: 512)")
     p.add_argument("--max-micro-batch", type=int, default=None,
@@ -140,11 +142,11 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------
     def _check_output(self) -> None:
-        weights, _ = paths_for(self.ckpt)
-        if self.args.resume and not weights.exists():
-            raise MindhierError(f"--resume: no checkpoint {weights}; start without --resume")
-        if weights.exists() and not (self.args.resume or self.args.force):
-            raise MindhierError(f"{weights} exists; pass --resume to continue that run or --force to start over")
+        saved = paths_for(self.ckpt)[1]  # the .json is a save's commit (its weights may still be a temp file)
+        if self.args.resume and not saved.exists():
+            raise MindhierError(f"--resume: no checkpoint {saved}; start without --resume")
+        if saved.exists() and not (self.args.resume or self.args.force):
+            raise MindhierError(f"{saved} exists; pass --resume to continue that run or --force to start over")
 
     def _load_data(self) -> None:
         a = self.args
@@ -254,6 +256,7 @@ class Trainer:
         meta = self._meta(epoch)
         meta["optimizer"] = optim_info
         save_checkpoint(self.ckpt, tensors, kind=KIND, config=self.cfg, extra=meta)
+        common.plot_curves(self.out)
 
     def _restore(self) -> None:
         tensors, meta = load_checkpoint(self.ckpt, kind=KIND)
@@ -281,6 +284,8 @@ class Trainer:
         a, d = self.args, self.d
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for log in ("log.jsonl", "metrics.jsonl"):   # a fresh run starts them anew, a resumed one at its step
+                common.trim_log(self.out / log, self.step)
             n_params = sum(p.numel() for p in self.model.parameters())
             print(f"train-encoder: subject {a.subject}, {len(self.train)} trials, {self.num_voxels} voxels, "
                   f"{len(self.test)} test images | {a.preset} encoder {n_params:,} params, {a.supervision} "
@@ -324,6 +329,9 @@ class Trainer:
             for key, value in counts.items():
                 self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
             self.step += 1
+            if self.d.is_main:
+                common.append_log(self.out, {"step": self.step, "epoch": epoch + 1, "lr": lr, "grad_norm": gnorm,
+                                             **(parts or {"skipped": True})})
             bar.update(1)
             bar.set_postfix(loss=f"{parts.get('loss', math.nan):.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.3f}")
             if self.args.save_every and self.step % self.args.save_every == 0 and k + 1 < self.steps_per_epoch:

@@ -21,7 +21,8 @@ was re-initialised.
 OUT/generator.{safetensors,json}   model + optimizer (``--resume`` continues exactly)
 OUT/tokens.safetensors             the training images' token pyramids (computed once)
 OUT/samples/step_NNNNNNN.png       test stimuli (top) and reconstructions (bottom), periodically
-OUT/log.jsonl                      loss, token accuracy, lr, gradient norm
+OUT/log.jsonl                      loss, token accuracy, lr, gradient norm (one line per step)
+OUT/curves.png                     those curves, redrawn at every checkpoint
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,11 +200,11 @@ class Trainer:
         self.args, self.d, self.device = args, d, d.device
         self.out = Path(args.out)
         self.ckpt = self.out / CHECKPOINT
-        weights = paths_for(self.ckpt)[0]
-        if args.resume and not weights.exists():
-            raise MindhierError(f"--resume: no checkpoint {weights}; start without --resume")
-        if weights.exists() and not (args.resume or args.force):
-            raise MindhierError(f"{weights} exists; pass --resume to continue that run or --force to start over")
+        saved = paths_for(self.ckpt)[1]  # the .json is a save's commit (its weights may still be a temp file)
+        if args.resume and not saved.exists():
+            raise MindhierError(f"--resume: no checkpoint {saved}; start without --resume")
+        if saved.exists() and not (args.resume or args.force):
+            raise MindhierError(f"{saved} exists; pass --resume to continue that run or --force to start over")
         common.seed_everything(args.seed)
         self._load_frozen()
         self._build()
@@ -339,9 +341,11 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 chunks = [wanted[i:i + 64] for i in range(0, len(wanted), 64)]
                 rows = [self._tokenize(c).cpu() for c in common.progress(chunks, desc="tokenizing training images")]
+                tmp = path.with_name(path.name + ".tmp")  # a run killed while writing leaves no damaged cache
                 save_file({"image_index": torch.from_numpy(wanted), "tokens": torch.cat(rows).to(torch.int32)},
-                          str(path), metadata={"tokenizer": key})
-                honour_umask(path)  # safetensors writes 0600; the run's other files follow the umask
+                          str(tmp), metadata={"tokenizer": key})
+                honour_umask(tmp)  # safetensors writes 0600; the run's other files follow the umask
+                os.replace(tmp, path)
         if self.d.enabled:
             torch.distributed.barrier()
         table = load_file(str(path))
@@ -411,6 +415,8 @@ class Trainer:
             done = self.step >= min(a.steps, stop_at)
             if done or (a.save_every and self.step % a.save_every == 0):
                 self._save()
+                if d.is_main:
+                    common.plot_curves(self.out)
             if (a.sample_every and self.step % a.sample_every == 0) or self.step == a.steps:
                 self._sample_grid()
         bar.close()

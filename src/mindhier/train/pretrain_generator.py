@@ -15,7 +15,8 @@ Every 50th corpus image is held out; the sample grid shows held-out images.
 
 OUT/generator.{safetensors,json}   model + optimizer (``--resume`` continues exactly)
 OUT/samples/step_NNNNNNN.png       held-out images (top) and the generator's drawing of them
-OUT/log.jsonl                      loss, token accuracy, lr, gradient norm
+OUT/log.jsonl                      loss, token accuracy, lr, gradient norm (one line per step)
+OUT/curves.png                     those curves, redrawn at every checkpoint
 """
 
 from __future__ import annotations

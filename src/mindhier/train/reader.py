@@ -11,7 +11,8 @@ each attribute's rate with its 95 % interval and whether it passes the 90 % vali
 
 OUT/reader.{safetensors,json}   the model (what the report loads)
 OUT/last.{safetensors,json}     model + optimizer, for --resume
-OUT/log.jsonl                   loss, accuracy per attribute, lr
+OUT/log.jsonl                   loss, training-batch accuracy per attribute, lr, gradient norm
+OUT/curves.png                  those curves, redrawn at every checkpoint
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warmup + cosine)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases/norms)")
     p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints")
+    p.add_argument("--log-every", type=int, default=25, help="steps between lines of OUT/log.jsonl")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps in this invocation (then --resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -110,16 +112,19 @@ def run(args: argparse.Namespace) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % 25 == 0:
+        if (step + 1) % args.log_every == 0:
             acc = {k: round(float(v.mean()), 4) for k, v in R.hits(R.predictions(logits), {k: v.numpy() for k, v in y.items()}).items()}
-            common.append_log(out, {"step": step + 1, "loss": round(float(loss.detach()), 5), "lr": opt.param_groups[0]["lr"], **acc})
+            common.append_log(out, {"step": step + 1, "loss": round(float(loss.detach()), 5), "lr": opt.param_groups[0]["lr"],
+                                    "grad_norm": common.grad_norm(model), **acc})
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", shape=f"{acc['main_category']:.2f}")
         if (step + 1) % args.save_every == 0 and step + 1 < end:
             _save(last, model, opt, step + 1, settings, manifest, with_optimizer=True,
                   seconds=_total(before, started))
+            common.plot_curves(out)
     step = end
     seconds = _total(before, started)
     _save(last, model, opt, step, settings, manifest, with_optimizer=True, seconds=seconds)
+    common.plot_curves(out)
     if step < args.steps:
         print(f"train-reader: stopped at step {step}/{args.steps}; continue with --resume")
         return 0

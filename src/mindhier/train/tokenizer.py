@@ -13,8 +13,9 @@ found in DIR; those are used at the end to report PixCorr, SSIM and usage (OUT/e
     torchrun --standalone --nproc_per_node=2 -m mindhier train-tokenizer --data ... --out ...
 
 OUT holds ``tokenizer.{safetensors,json}`` (the model; ``mindhier.tokenizer.load_tokenizer``),
-``last.{safetensors,json}`` (model + optimizer, for ``--resume``), ``log.jsonl`` and
-``eval.json``.
+``last.{safetensors,json}`` (model + optimizer, for ``--resume``), ``log.jsonl`` (loss parts,
+learning rate, gradient norm, codebook use every --log-every steps), ``curves.png`` (drawn at
+every checkpoint) and ``eval.json``.
 """
 
 from __future__ import annotations
@@ -353,9 +354,12 @@ def _run(args: argparse.Namespace, d) -> int:
         common.set_lr(opt, common.warmup_cosine(step, args.steps, args.warmup, args.lr, min_ratio=0.1))
         metrics, hits, residuals, finite = train_step(model, ddp_model, opt, batches, args, d.device,
                                                       end_of_window and not args.no_restart)
+        norm = math.nan
         if common.check_finite(torch.tensor(metrics["loss"] if finite else math.nan), step, 5, bad):
             if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            elif d.is_main and ((step + 1) % args.log_every == 0 or step + 1 == end):
+                norm = common.grad_norm(model)  # only for the log: one host sync, on logged steps
             opt.step()
         if d.enabled:  # report the global batch's losses, not this rank's share
             mean = all_reduce_mean(torch.tensor(list(metrics.values()), device=d.device), d)
@@ -371,13 +375,15 @@ def _run(args: argparse.Namespace, d) -> int:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", used=f"{usage['used_overall']:.2f}" if usage else "-")
             if (step + 1) % args.log_every == 0 or step + 1 == end:
                 common.append_log(out, {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()},
-                           "lr": opt.param_groups[0]["lr"], "usage": usage})
+                           "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm), "usage": usage})
             if (step + 1) % args.save_every == 0 and step + 1 < end:
                 save_training_state(out, "last", model, opt, step + 1, window_hits, extra)
+                common.plot_curves(out)
     step = end
     seconds = time.time() - started
     if d.is_main:
         save_training_state(out, "last", model, opt, step, window_hits, extra)
+        common.plot_curves(out)
         if step >= args.steps:
             _finish(out, model, store, test_idx, d.device, args, {**extra, "step": step, "train_seconds_last_run": seconds})
         else:

@@ -8,7 +8,9 @@ test set of the fMRI data) are held out; at the end their image→caption and ca
 top-1 retrieval is written to OUT/eval.json.
 
 Output: OUT/vision.safetensors + OUT/vision.json (load with `mindhier.vision.load_vision(OUT)`;
-the checkpoint also holds the optimiser state so --resume continues where a run stopped).
+the checkpoint also holds the optimiser state so --resume continues where a run stopped), every
+step's loss, learning rate, gradient norm and logit scale in OUT/log.jsonl, drawn into
+OUT/curves.png after every epoch.
 
 Examples:
   mindhier train-vision --data worlds/demo --preset demo --out runs/vision-demo
@@ -334,7 +336,7 @@ def train(args, d: Dist) -> int:
     model = SmallClipModel(cfg).to(d.device)
     trainable = WithShapeHead(model, len(CATEGORIES)).to(d.device) if settings.label_loss else model
     opt = common.adamw(trainable, settings.lr, settings.weight_decay, betas=(0.9, 0.98))
-    start_epoch = 0
+    start_epoch, trained_seconds = 0, 0.0
     if meta is not None:
         load_state_strict(model, model_tensors(tensors), where=resume_from)
         if settings.label_loss:
@@ -342,6 +344,7 @@ def train(args, d: Dist) -> int:
                                                   if k.startswith("train.shape_head.")})
         optimizer_from_tensors(opt, {k: v.to(d.device) for k, v in tensors.items()}, meta["optimizer"])
         start_epoch = int(meta["epoch"])
+        trained_seconds = float(meta.get("train_seconds") or 0.0)  # absent in checkpoints before it was recorded
     per_rank, _ = split_global_batch(settings.global_batch, d.world_size)
     steps_per_epoch = len(data.train) // settings.global_batch
     if steps_per_epoch == 0:
@@ -351,6 +354,8 @@ def train(args, d: Dist) -> int:
     net = torch.nn.parallel.DistributedDataParallel(trainable) if d.enabled else trainable
     manifest = data_manifest(root, subjects=[]) if d.is_main else None
     if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        common.trim_log(out / "log.jsonl", start_epoch * steps_per_epoch)  # a fresh run starts it anew
         print(f"train-vision: {len(data.train)} training / {len(data.test)} held-out images, vocab "
               f"{len(data.vocab)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
               f"{d.world_size} process(es), batch {per_rank}/rank, {steps_per_epoch} steps/epoch", flush=True)
@@ -359,19 +364,23 @@ def train(args, d: Dist) -> int:
     for epoch in range(start_epoch, stop):
         t0 = time.time()
         loss_sum = run_epoch(net, model, opt, data, settings, d, epoch, steps_per_epoch, total, warmup, guard,
-                             use_bf16=not args.no_bf16)
+                             use_bf16=not args.no_bf16, log=out if d.is_main else None)
         if d.is_main:
+            seconds = time.time() - t0
+            trained_seconds += seconds
             print(f"epoch {epoch + 1}/{settings.epochs}: loss {loss_sum / steps_per_epoch:.4f} "
-                  f"({time.time() - t0:.1f} s)", flush=True)
-            save(out, trainable, opt, data, settings, epoch + 1, manifest)
+                  f"({seconds:.1f} s)", flush=True)
+            save(out, trainable, opt, data, settings, epoch + 1, manifest, trained_seconds)
+            common.plot_curves(out)
     if d.is_main and stop == settings.epochs:
         evaluate(out, model, data, root)
     return 0
 
 
 def run_epoch(net, model, opt, data: PairData, s: TrainSettings, d: Dist, epoch: int, steps: int,
-              total: int, warmup: int, guard: dict, use_bf16: bool) -> float:
-    """One pass in a data order fixed by (seed, epoch) so that resumed runs see the same batches."""
+              total: int, warmup: int, guard: dict, use_bf16: bool, log: Path | None = None) -> float:
+    """One pass in a data order fixed by (seed, epoch) so that resumed runs see the same batches;
+    each step a line of ``log``/log.jsonl when ``log`` is given."""
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(s.seed * 1000 + epoch))
     gen = torch.Generator().manual_seed(s.seed * 1000 + epoch + 1)
     per_rank = s.global_batch // d.world_size
@@ -399,6 +408,8 @@ def run_epoch(net, model, opt, data: PairData, s: TrainSettings, d: Dist, epoch:
             loss = loss + s.label_loss * shape_loss
         if not common.check_finite(loss, global_step, max_bad=5, state=guard):
             opt.zero_grad(set_to_none=True)
+            if log is not None:
+                common.append_log(log, {"step": global_step + 1, "epoch": epoch + 1, "lr": lr, "skipped": True})
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -407,13 +418,19 @@ def run_epoch(net, model, opt, data: PairData, s: TrainSettings, d: Dist, epoch:
         value = float(all_reduce_mean(loss.detach(), d))
         loss_sum += value
         shown = {"shape_loss": f"{float(shape_loss.detach()):.3f}"} if head else {}
+        if log is not None:
+            common.append_log(log, {"step": global_step + 1, "epoch": epoch + 1, "loss": value, "lr": lr,
+                                    "grad_norm": float(norm), "scale": float(scale.detach()),
+                                    **({"shape_loss": float(shape_loss.detach())} if head else {})})
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", gnorm=f"{float(norm):.2f}",
                         scale=f"{float(scale.detach()):.1f}", **shown)
     return loss_sum
 
 
-def save(out: Path, trainable, opt, data: PairData, s: TrainSettings, epoch: int, manifest) -> None:
-    """The model, its optimiser state and (with --label-loss) the training-only shape head."""
+def save(out: Path, trainable, opt, data: PairData, s: TrainSettings, epoch: int, manifest,
+         train_seconds: float) -> None:
+    """The model, its optimiser state, (with --label-loss) the training-only shape head, and the
+    training time over all invocations so far (what `mindhier pretrain --release` puts in the card)."""
     optim_tensors, optim_info = optimizer_to_tensors(opt)
     model = trainable
     if isinstance(trainable, WithShapeHead):
@@ -421,6 +438,7 @@ def save(out: Path, trainable, opt, data: PairData, s: TrainSettings, epoch: int
         optim_tensors.update({f"train.shape_head.{k}": v for k, v in trainable.shape_head.state_dict().items()})
     save_small_clip(out / CHECKPOINT_NAME, model, data.vocab, tensors=optim_tensors, extra={
         "epoch": epoch, "train": to_dict(s), "optimizer": optim_info, "data_manifest": manifest,
+        "train_seconds": round(train_seconds, 1),
         "test_images": {"count": int(len(data.test)),
                         "sha256": hashlib.sha256(data.test.astype(np.int64).tobytes()).hexdigest()[:16]},
     })
