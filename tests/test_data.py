@@ -360,6 +360,14 @@ def test_data_manifest_is_deterministic_and_sees_changes(world, monkeypatch):
     edges = mf.data_manifest(root)["files"][betas_name]
     assert edges["scope"] == "edges"
     assert edges["sha256"] == hashlib.sha256(raw[:512] + raw[-512:] + str(len(raw)).encode()).hexdigest()
+    # full=True: whole files whatever their size, so a change in the middle is seen
+    whole = mf.data_manifest(root, full=True)
+    assert whole["files"][betas_name] == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "scope": "full"}
+    middle = len(raw) // 2
+    assert 512 < middle < len(raw) - 512
+    layout.betas_path(root, SUBJECT).write_bytes(raw[:middle] + bytes([raw[middle] ^ 1]) + raw[middle + 1:])
+    assert mf.data_manifest(root)["files"][betas_name] == edges  # the edges cannot see it
+    assert mf.diff_manifests(whole, mf.data_manifest(root, full=True)) != []
 
 
 def test_data_info_summary_and_problems(world, capsys):

@@ -29,11 +29,12 @@ REGRESSION_TOLERANCE = 0.03
 def regression_metrics(world: Path, subject: int, ck: dict[str, Path], out: Path, recipe: Recipe,
                        device: str = "auto") -> dict:
     """Every offline metric of the fixed regression subset (see REGRESSION_IMAGES), the hash of
-    its images, the command that made them and the platform it ran on."""
+    its images, the command that made them, the platform it ran on and the whole world's hashes."""
     import hashlib
 
     from safetensors.torch import load_file
 
+    from mindhier.data.manifest import data_manifest
     from mindhier.demo_report import load_test_images
     from mindhier.evaluate import evaluate_reconstructions
     from mindhier.metrics import offline_metrics, pixel_metrics
@@ -56,7 +57,8 @@ def regression_metrics(world: Path, subject: int, ck: dict[str, Path], out: Path
     return {"images": [int(i) for i in recons["image_index"]], "command": "mindhier " + shlex.join(argv),
             "pinned_command": "mindhier " + shlex.join(pinned),
             **{k: v for k, v in values.items() if v is not None}, "tolerance": REGRESSION_TOLERANCE,
-            "recons_sha256": hashlib.sha256(images).hexdigest(), "platform": platform_fingerprint()}
+            "recons_sha256": hashlib.sha256(images).hexdigest(), "platform": platform_fingerprint(),
+            "world": data_manifest(world, [subject], full=True)}  # every file hashed whole
 
 
 RELEASE_DTYPE = torch.bfloat16  # halves the committed size (≤ 50 MB in all); loaders upcast on load
@@ -88,6 +90,7 @@ def release(ck: dict[str, Path], folder: Path) -> dict[str, Path]:
                    for k, v in model_tensors(load_file(str(weights))).items()}
         meta = json.loads(meta_path.read_text())
         meta.pop("optimizer", None)
+        meta.pop("write_id", None)  # it names the training save; the release is a new file without it
         meta["released"] = {"dtype": str(RELEASE_DTYPE).replace("torch.", ""), "from": str(ck[stage]),
                             "foundation": foundation}
         save_file(tensors, str(folder / f"{stage}.safetensors"), metadata={"kind": meta["kind"]})

@@ -5,6 +5,8 @@ hash) plus the synthetic world's seed and preset, so a later run can tell whethe
 same data. It is deterministic: no absolute paths, no times, sorted keys. Files under 64 MiB
 are hashed whole; larger ones (a real subject's betas are ~2 GB) by their first and last
 8 MiB plus the size, which catches truncation, regeneration and swapped files in seconds.
+``full=True`` hashes every file whole (seconds per GB), where a change in the middle of a large
+file must be caught too: the released checkpoints' regression record uses it.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ EDGE_BYTES = 8 * 2**20
 MANIFEST_VERSION = 1
 
 
-def file_fingerprint(path: Path) -> dict:
+def file_fingerprint(path: Path, full: bool = False) -> dict:
     """{size, sha256, scope}: scope "full" (whole file) or "edges" (first + last 8 MiB + size)."""
     size = path.stat().st_size
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        if size < FULL_HASH_LIMIT:
+        if full or size < FULL_HASH_LIMIT:
             for block in iter(lambda: f.read(2**20), b""):
                 h.update(block)
             return {"size": size, "sha256": h.hexdigest(), "scope": "full"}
@@ -72,11 +74,12 @@ def world_summary(root: Path) -> dict | None:
     return {key: info.get(key, config.get(key)) for key in ("seed", "preset")}
 
 
-def data_manifest(root: str | Path, subjects=None) -> dict:
-    """Fingerprint of the data under ``root`` for ``subjects`` (default: all with betas)."""
+def data_manifest(root: str | Path, subjects=None, full: bool = False) -> dict:
+    """Fingerprint of the data under ``root`` for ``subjects`` (default: all with betas);
+    ``full``: every file hashed whole, however large."""
     root = Path(root)
     subjects = sorted(int(s) for s in (layout.subjects_in(root) if subjects is None else subjects))
-    files = {p.relative_to(root).as_posix(): file_fingerprint(p) for p in relevant_files(root, subjects)}
+    files = {p.relative_to(root).as_posix(): file_fingerprint(p, full) for p in relevant_files(root, subjects)}
     folder = layout.images_dir(root)
     if folder.is_dir():
         files[folder.relative_to(root).as_posix() + "/"] = _png_folder_fingerprint(folder)
