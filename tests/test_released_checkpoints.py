@@ -56,8 +56,7 @@ def test_regression_subset_reconstructs_to_the_model_card_metrics(released, tmp_
     again = regression_metrics(world, 1, ck, tmp_path / "regression", RECIPES["demo"])
     assert again["images"] == recorded["images"]
     assert again["pinned_command"] == recorded["pinned_command"]
-    if "world" in recorded:  # releases before it hashed only the edges of large files (check_same_data)
-        assert again["world"] == recorded["world"], "the regenerated demo world is not the one the release used"
+    assert again["world"] == recorded["world"], "the regenerated demo world is not, byte for byte, the release's"
     for key in REGRESSION_METRICS:
         assert math.isfinite(recorded[key]), key
     if platform_fingerprint() == recorded["platform"]:
