@@ -56,6 +56,14 @@ def test_pixcorr_matches_np_corrcoef_at_425():
     assert 0.3 < expected < 0.99
 
 
+def test_pixcorr_in_blocks_equals_one_block_bit_for_bit():
+    n = 2 * core.PIXCORR_CHUNK + 3  # two full blocks and a partial one
+    gts, recons = rand_images(n, 20, seed=3), rand_images(n, 20, seed=4)
+    whole = core.row_pearson(core.resize(recons, core.PIXEL_SIZE), core.resize(gts, core.PIXEL_SIZE))
+    blocks = core.pixcorr_per_image(recons, gts)
+    assert blocks.shape == (n,) and np.array_equal(blocks, whole)
+
+
 def test_pixcorr_of_identical_images_is_one():
     x = rand_images(2)
     assert core.pixcorr(x, x) == pytest.approx(1.0)

@@ -57,7 +57,8 @@ class PretrainRecipe:
 # (6000 steps, 61 min); the generator step measured 1.07 s at batch 32 with two threads
 # (bench/bench_foundation.py). On the slowest machine seen (AMD EPYC without AVX-512, fp32) each
 # is 3-5x slower. The vision stage is now the hybrid preset with the shape label loss for 4 epochs
-# (3060 steps): 1.65 s per step with two threads on a 2-core AMD EPYC with AVX-512 bf16, ≈ 85 min.
+# (3060 steps): 1.65 s per step with two threads on a 2-core AMD EPYC with AVX-512 bf16, ≈ 89 min;
+# the generator's 1800 steps took 2.0 s each there (60 min), and it was still improving: too few.
 # `tiny` is what the tests run.
 RECIPES: dict[str, PretrainRecipe] = {
     "demo": PretrainRecipe(
