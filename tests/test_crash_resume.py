@@ -101,6 +101,15 @@ def test_a_save_killed_at_any_step_leaves_one_complete_checkpoint(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
 
 
+def commit_then_kill(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A complete save of 1.0, then a save of 2.0 killed right after its commit."""
+    save(path, 1.0)
+    with monkeypatch.context() as m:
+        kill_save(m, "after the commit")
+        with pytest.raises(Killed):
+            save(path, 2.0)
+
+
 def test_the_first_save_killed_after_its_commit_is_complete(tmp_path, monkeypatch):
     path = tmp_path / "model"
     with monkeypatch.context() as m:
@@ -115,11 +124,7 @@ def test_a_save_after_one_killed_past_its_commit_keeps_that_one(tmp_path, monkey
     """No load in between: the next save must first move the committed weights into place,
     else its own temporary file would overwrite them."""
     path = tmp_path / "model"
-    save(path, 1.0)
-    with monkeypatch.context() as m:
-        kill_save(m, "after the commit")
-        with pytest.raises(Killed):
-            save(path, 2.0)
+    commit_then_kill(path, monkeypatch)
     with monkeypatch.context() as m:
         kill_save(m, "writing the weights")
         with pytest.raises(Killed):
@@ -130,11 +135,7 @@ def test_a_save_after_one_killed_past_its_commit_keeps_that_one(tmp_path, monkey
 def test_a_committed_save_loads_where_it_cannot_be_finished(tmp_path, monkeypatch):
     """A read-only folder: the weights stay in the temporary file, and are read from there."""
     path = tmp_path / "model"
-    save(path, 1.0)
-    with monkeypatch.context() as m:
-        kill_save(m, "after the commit")
-        with pytest.raises(Killed):
-            save(path, 2.0)
+    commit_then_kill(path, monkeypatch)
 
     def refuse(*args):
         raise PermissionError("read-only file system")
