@@ -33,10 +33,16 @@ def test_pretrain_all_stages_release_and_reuse(tmp_path, capsys):
     # released, the generator is conditioned on the released (bf16) vision model the encoder will use
     assert gen["pretrain"]["vision_path"] == str(released / "vision")
     assert gen["tokenizer_path"] == str(released / "tokenizer")
+    # the recipe's second generator round started from the first and is the one released
+    assert gen["released"]["from"] == str(tmp_path / "runs" / "generator-r2" / "generator")
+    (first,) = gen["pretrain"]["earlier_rounds"]
+    assert first["from"] == str(tmp_path / "runs" / "generator" / "generator") and first["steps"] == 6
+    assert gen["progress"]["step"] == 2 and gen["released"]["train_seconds"] > first["train_seconds"]
+    assert "trained in 2 rounds, 8 steps in all" in (released / "generator.md").read_text()
     capsys.readouterr()
     assert main(argv(tmp_path, "--release")) == 0  # the same command again: nothing retrained
     out = capsys.readouterr().out
-    assert out.count("reusing") == 6, out  # the corpus, the world and the four stages
+    assert out.count("reusing") == 7, out  # the corpus, the world, the four stages and the second round
 
 
 def test_interrupted_stage_resumes_and_missing_inputs_are_refused(tmp_path, capsys):

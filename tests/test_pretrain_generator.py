@@ -143,3 +143,28 @@ def test_pretraining_refuses_fmri_data(stack, tmp_path, capsys):
     args[args.index("--data") + 1] = str(stack["world"])
     assert main(args) == 2
     assert "not a pretraining corpus" in capsys.readouterr().err
+
+
+def test_warm_restart_starts_from_the_weights_and_records_the_rounds(stack, pretrained, tmp_path, capsys):
+    out = tmp_path / "more"
+    assert main(pretrain_args(stack, out, "--init", str(pretrained / "generator"), "--lr", "0", steps=2)) == 0
+    assert "starting from the pretrained generator" in capsys.readouterr().out
+    start, pre = load_file(str(out / "generator.safetensors")), load_file(str(pretrained / "generator.safetensors"))
+    assert all(torch.equal(start[k], pre[k]) for k in start if not k.startswith("optim."))  # lr 0
+    _, meta = load_checkpoint(out / "generator", kind="generator")
+    (first,) = meta["pretrain"]["earlier_rounds"]
+    assert first["from"] == str(pretrained / "generator") and first["steps"] == 6 and first["lr"] == 3e-3
+    assert first["train_seconds"] > 0 and meta["progress"]["step"] == 2
+    assert main(pretrain_args(stack, tmp_path / "third", "--init", str(out / "generator"), steps=1)) == 0
+    _, meta3 = load_checkpoint(tmp_path / "third" / "generator", kind="generator")
+    assert [r["steps"] for r in meta3["pretrain"]["earlier_rounds"]] == [6, 2]
+
+
+def test_warm_restart_refuses_another_body_or_a_stage2_generator(stack, pretrained, tmp_path, capsys):
+    args = pretrain_args(stack, tmp_path / "x", "--init", str(pretrained / "generator"), "--cond-drop", "0.3")
+    assert main(args) == 2
+    assert "its config differs" in capsys.readouterr().err
+    stage2 = tmp_path / "ft"
+    assert main(finetune_args(stack, stage2, pretrained / "generator")) == 0
+    assert main(pretrain_args(stack, tmp_path / "y", "--init", str(stage2 / "generator"))) == 2
+    assert "not a pretrain-generator checkpoint" in capsys.readouterr().err

@@ -55,6 +55,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def logged_seconds(run_dir: str | Path) -> float | None:
+    """The optimiser steps' own seconds summed over a run's log.jsonl (sample grids and
+    checkpoint writes excluded); None where the run has no log with step times."""
+    log = Path(run_dir) / "log.jsonl"
+    times = [r["seconds"] for r in read_jsonl(log) if "seconds" in r] if log.is_file() else []
+    return round(sum(times), 1) if times else None
+
+
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
     """The record's numbers, nested dicts flattened as ``outer.inner`` (lists are skipped)."""
     out = {}

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mindhier.checkpoint import honour_umask, paths_for
+from mindhier.curves import logged_seconds
 from mindhier.demo import Timer, ensure_world, run_command, run_stage, say
 from mindhier.demo_release import RELEASE_DTYPE
 from mindhier.errors import MindhierError
@@ -49,6 +50,9 @@ class PretrainRecipe:
     vision: tuple[str, ...]
     tokenizer: tuple[str, ...]
     generator: tuple[str, ...]
+    # Warm restarts of the generator after its first round: each round starts from the one before
+    # (`pretrain-generator --init`) with a fresh optimiser and schedule, in OUT/generator-r2, -r3, …
+    generator_more: tuple[tuple[str, ...], ...] = ()
 
 
 # `demo`: sized to train in one 3-hour session on 2 CPU cores. Measured on a 2-core Intel Xeon
@@ -70,6 +74,9 @@ RECIPES: dict[str, PretrainRecipe] = {
                    "--save-every", "250"),
         generator=("--preset", "demo", "--steps", "1800", "--global-batch", "32", "--lr", "1e-3",
                    "--warmup", "100", "--save-every", "200", "--sample-every", "400"),
+        # The first round ended at loss 6.5 still falling; the second sees other samples (seed 1).
+        generator_more=(("--preset", "demo", "--steps", "2200", "--global-batch", "32", "--lr", "5e-4",
+                         "--warmup", "100", "--seed", "1", "--save-every", "200", "--sample-every", "400"),),
     ),
     "tiny": PretrainRecipe(
         corpus="tiny", world="tiny",
@@ -79,6 +86,8 @@ RECIPES: dict[str, PretrainRecipe] = {
         tokenizer=("--preset", "tiny", "--steps", "10", "--global-batch", "8"),
         generator=("--preset", "tiny", "--steps", "6", "--global-batch", "8", "--warmup", "2",
                    "--sample-every", "0", "--sample-images", "2"),
+        generator_more=(("--preset", "tiny", "--steps", "2", "--global-batch", "8", "--warmup", "1",
+                         "--seed", "1", "--sample-every", "0", "--sample-images", "2"),),
     ),
 }
 
@@ -110,6 +119,22 @@ def stage_commands(corpus: Path, world: Path, runs: Path, recipe: PretrainRecipe
     return commands, ck
 
 
+def run_generator_rounds(first: list[str], first_ckpt: Path, recipe: PretrainRecipe, inputs: dict,
+                         timer: Timer) -> Path:
+    """The generator's warm restarts (``recipe.generator_more``), each from the round before;
+    the last round's checkpoint is the stage's."""
+    frozen = first[first.index("--vision"):first.index("--out")]  # corpus, vision model, tokenizer
+    data = first[1:first.index("--vision")]
+    ckpt = first_ckpt
+    for number, argv in enumerate(recipe.generator_more, start=2):
+        out = first_ckpt.parent.with_name(f"{first_ckpt.parent.name}-r{number}")
+        command = ["pretrain-generator", *data, *frozen, "--out", str(out), "--init", str(ckpt), *argv]
+        run_stage(f"generator round {number}", command, out / "generator",
+                  {"generator": ckpt, **{dep: inputs[dep] for dep in DEPENDS_ON["generator"]}}, timer)
+        ckpt = out / "generator"
+    return ckpt
+
+
 def ensure_corpus(corpus: Path, preset: str) -> None:
     from mindhier.world.corpus import is_corpus
 
@@ -136,6 +161,9 @@ def release_stage(stage: str, ckpt: Path, folder: Path, corpus: Path, seconds: f
     meta.pop("write_id", None)  # it names the training save; the release is a new file without it
     if meta.get("train_seconds") is not None:  # the command's own total over all its resumed invocations
         seconds = meta["train_seconds"]
+    rounds = meta.get("pretrain", {}).get("earlier_rounds")
+    if rounds:  # a warm-restarted generator: every round's steps (reused rounds cost nothing this time)
+        seconds = sum(r.get("train_seconds") or 0.0 for r in rounds) + (logged_seconds(ckpt.parent) or 0.0)
     corpus_info = read_corpus_info(corpus)
     meta["released"] = {"dtype": str(dtype).replace("torch.", ""), "from": str(ckpt),
                         "corpus": {**corpus_info["config"], "images_sha256": corpus_info["images_sha256"]},
@@ -165,6 +193,7 @@ def model_card(stage: str, meta: dict, seconds: float | None, recipe: str, evalu
              f"- weights stored as {meta['released']['dtype']}",
              f"- training time: {seconds:.0f} s (the command's own total over its invocations)"
              if seconds else "- training time: not recorded",
+             *rounds_lines(meta),
              "", "## Config", "", "```json", json.dumps(meta.get("config"), indent=1, sort_keys=True), "```", ""]
     if evaluation.is_file():
         lines += ["## Held-out evaluation (as written by the training command)", "", "```json",
@@ -173,6 +202,22 @@ def model_card(stage: str, meta: dict, seconds: float | None, recipe: str, evalu
         lines += ["## What each layer carries (`mindhier probe-vision`, on the world's test stimuli)", "",
                   probe.read_text().strip(), ""]
     return "\n".join(lines)
+
+
+def rounds_lines(meta: dict) -> list[str]:
+    """A warm-restarted generator's rounds, in order, for its card."""
+    rounds = meta.get("pretrain", {}).get("earlier_rounds")
+    if not rounds:
+        return []
+    train, last = meta.get("train", {}), meta.get("progress", {}).get("step")
+    steps = [*(r["steps"] for r in rounds), last]
+    lines = [f"- trained in {len(steps)} rounds, {sum(s or 0 for s in steps)} steps in all, each round from the one "
+             "before (`pretrain-generator --init`, fresh optimiser and schedule):"]
+    for n, r in enumerate(rounds, 1):
+        lines.append(f"  {n}. {r['steps']} steps at batch {r['global_batch']}, peak lr {r['lr']}, "
+                     f"{r.get('train_seconds') or 0:.0f} s")
+    lines.append(f"  {len(steps)}. {last} steps at batch {train.get('global_batch')}, peak lr {train.get('lr')}")
+    return lines
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -209,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
                                 "add them to --stages")
         run_stage(stage, commands[stage], ck[stage], {dep: inputs[dep] for dep in DEPENDS_ON[stage]}, timer,
                   resume_from=ck[stage].parent / RESUMABLE[stage])
+        if stage == "generator":
+            ck[stage] = run_generator_rounds(commands[stage], ck[stage], recipe, inputs, timer)
         if stage == "vision":  # the hierarchy the encoder is aligned to, measured (seconds)
             run_command(["probe-vision", "--vision", str(ck[stage]), "--world", str(world), "--all-layers",
                          "--out", str(ck[stage].parent / "probe")])

@@ -3,6 +3,7 @@ hierarchy: the demo's stand-in for Switti, which stage 2 then fine-tunes on fMRI
 
     mindhier pretrain-generator --data corpora/demo --vision checkpoints/foundation/vision \\
         --tokenizer checkpoints/foundation/tokenizer --out runs/generator-pretrain
+    mindhier pretrain-generator ... --init runs/generator-pretrain/generator --out runs/more   (a warm restart)
     mindhier train-generator ... --init runs/generator-pretrain/generator     (stage 2 from it)
 
 The condition of image x is v_{g_1..g_M}(x), the frozen vision model's features at the layers
@@ -23,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from mindhier.checkpoint import load_checkpoint
 from mindhier.config import get_preset, to_dict
+from mindhier.curves import logged_seconds
 from mindhier.data import ImageStore, data_manifest
 from mindhier.errors import MindhierError
 from mindhier.generator import PRESETS, ROUTINGS
@@ -58,14 +62,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the all-zero condition (CFG)")
+    p.add_argument("--init", default=None,
+                   help="warm restart: start the weights from a generator this command pretrained on the same "
+                        "vision model, layers and tokenizer (fresh optimiser and schedule over --steps); the "
+                        "steps before are recorded, so the checkpoint says how long it trained in all")
     stage2.add_loop_arguments(p, sample_every=1000, sample_what="held-out corpus images")
 
 def run(args: argparse.Namespace) -> int:
     # The stage-2 loop reads these; pretraining has no subject, no Switti init and tokenizes on the fly.
-    args.subject, args.init_switti, args.init, args.tokens = 0, None, None, "on-the-fly"
+    args.subject, args.init_switti, args.tokens = 0, None, "on-the-fly"
     with distributed_session(args.device) as d:
         PretrainTrainer(args, d).fit()
     return 0
+
+
+def earlier_rounds(init_meta: dict, where) -> list[dict]:
+    """The rounds before a warm restart from ``init_meta``: its own earlier rounds, then itself
+    (steps, batch, peak lr, training seconds), so a checkpoint tells its whole schedule."""
+    before = list(init_meta.get("pretrain", {}).get("earlier_rounds", []))
+    train = init_meta.get("train", {})
+    seconds = logged_seconds(Path(where).parent)
+    if seconds is None and init_meta.get("released", {}).get("train_seconds") is not None:  # a release: all rounds
+        seconds = init_meta["released"]["train_seconds"] - sum(r.get("train_seconds") or 0 for r in before)
+    return before + [{"from": str(where), "steps": init_meta.get("progress", {}).get("step"),
+                      "global_batch": train.get("global_batch"), "lr": train.get("lr"), "train_seconds": seconds}]
 
 
 class PretrainTrainer(stage2.Trainer):
@@ -90,17 +110,35 @@ class PretrainTrainer(stage2.Trainer):
     def _generator_config(self):
         a = self.args
         base = get_preset(PRESETS, a.preset, "generator")
-        return dataclasses.replace(
+        cfg = dataclasses.replace(
             base, scales=tuple(self.tokenizer.scales), vocab_size=int(self.tokenizer.vocab_size),
             z_channels=int(self.tokenizer.z_channels), context_dim=int(self.vision.feature_dim),
             pooled_dim=int(self.vision.feature_dim), num_levels=len(self.layers),
             tokens_per_level=int(self.vision.num_tokens), routing=a.routing, cond_drop_prob=a.cond_drop,
             level_norm=True)
+        self.earlier_rounds = []
+        if a.init is None:
+            return cfg
+        self.init_tensors, init_meta = load_checkpoint(a.init, kind="generator")
+        self._check_init(init_meta, cfg)
+        self.earlier_rounds = earlier_rounds(init_meta, a.init)
+        return cfg
+
+    def _check_init(self, init_meta: dict, cfg) -> None:
+        """A warm restart continues the same model on the same frozen inputs, nothing else."""
+        problems = self._frozen_diffs(init_meta) if "pretrain" in init_meta else [
+            "it is not a pretrain-generator checkpoint (a stage-2 generator was trained on fMRI)"]
+        if init_meta["config"] != to_dict(cfg):
+            problems.append(f"its config differs: {init_meta['config']} (this run: {to_dict(cfg)}); pass the "
+                            "--preset, --routing and --cond-drop it was trained with")
+        if problems:
+            raise MindhierError(f"--init {self.args.init} cannot be continued here:\n  " + "\n  ".join(problems))
 
     def _meta(self) -> dict:
         return {"tokenizer": checkpoint_identity(self.tok_meta), "tokenizer_path": str(self.args.tokenizer),
                 "pretrain": {"corpus": str(self.args.data), "vision": vision_record(self.vision, self.layers),
-                             "vision_path": str(self.args.vision), "layer_map": self.args.layer_map},
+                             "vision_path": str(self.args.vision), "layer_map": self.args.layer_map,
+                             "earlier_rounds": self.earlier_rounds},
                 "train": to_dict(self.settings), "data_manifest": self.manifest,
                 "progress": {"step": self.step, "world_size": self.d.world_size, "parallel": self.args.parallel}}
 
