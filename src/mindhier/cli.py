@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-nsd": ("mindhier.data.prepare_nsd", "convert raw NSD (NIfTI betas, expdesign) to the MindEye2 layout"),
     "train-vision": ("mindhier.train.vision", "train the in-project small CLIP on a world's image-caption pairs"),
     "eval-foundation": ("mindhier.world.foundation_eval", "what the foundation models show on a world's test stimuli (reader rates)"),
+    "ablation-check": ("mindhier.ablation_check", "does the released pipeline beat its sampling-time ablations by more than seed noise"),
     "probe-vision": ("mindhier.vision.probes", "what each vision layer carries: linear probes on a world's stimuli"),
     "train-reader": ("mindhier.train.reader", "train the world reader (reads scene parameters from pictures) on the corpus"),
     "train-encoder": ("mindhier.train.encoder", "stage 1: train the hierarchical fMRI encoder"),
