@@ -209,3 +209,22 @@ def test_vision_flag_works_with_a_real_small_clip_checkpoint(tmp_path):
     assert main(["evaluate", "--recons", str(tmp_path / "r.safetensors"), "--images", str(tmp_path / "gt.safetensors"),
                  "--vision", str(tmp_path / "vision"), "--out", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["rows"]["all"]["clip_ours"] == 1.0
+
+
+def test_cli_refuses_a_weight_file_that_is_not_the_published_one(tmp_path, capsys, monkeypatch):
+    gts = rand_images(3, seed=5)
+    write_tensor(tmp_path / "gt.safetensors", "images", gts)
+    write_tensor(tmp_path / "r.safetensors", "recons", gts.clone())
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save({"features.0.weight": torch.zeros(2)}, weights / "alexnet-owt-7be5be79.pth")  # not AlexNet's bytes
+    argv = ["evaluate", "--recons", f"subj01={tmp_path / 'r.safetensors'}", "--images",
+            str(tmp_path / "gt.safetensors"), "--weights-dir", str(weights), "--out", str(tmp_path / "e")]
+    assert main(argv) == 2
+    assert "alexnet-owt-7be5be79.pth" in capsys.readouterr().err
+    seen = []
+    real = suite.default_metrics
+    monkeypatch.setattr(suite, "default_metrics",
+                        lambda *a, **kw: seen.append(kw["allow_unpublished"]) or real(None, None, *a[2:], **kw))
+    assert main(argv + ["--allow-unpublished-weights", "--force"]) == 0
+    assert seen == [True]

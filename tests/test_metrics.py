@@ -46,11 +46,15 @@ def test_eval_size_leaves_256_images_alone():
 # ------------------------------------------------------------------------------ pixel metrics
 
 
-def test_pixcorr_matches_np_corrcoef_at_425():
+def bilinear(x, size):
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def test_pixcorr_matches_np_corrcoef_at_425_after_the_256_pre_resize():
     gts, recons = rand_images(3, 20, seed=1), rand_images(3, 20, seed=2)
     recons = 0.5 * recons + 0.5 * gts  # correlated, so the value is not ~0
-    a = F.interpolate(gts, size=(425, 425), mode="bilinear", align_corners=False).reshape(3, -1).numpy()
-    b = F.interpolate(recons, size=(425, 425), mode="bilinear", align_corners=False).reshape(3, -1).numpy()
+    a = bilinear(bilinear(gts, 256), 425).reshape(3, -1).numpy()
+    b = bilinear(bilinear(recons, 256), 425).reshape(3, -1).numpy()
     expected = np.mean([np.corrcoef(a[i], b[i])[0, 1] for i in range(3)])
     assert core.pixcorr(recons, gts) == pytest.approx(expected, abs=1e-6)
     assert 0.3 < expected < 0.99
@@ -59,7 +63,8 @@ def test_pixcorr_matches_np_corrcoef_at_425():
 def test_pixcorr_in_blocks_equals_one_block_bit_for_bit():
     n = 2 * core.PIXCORR_CHUNK + 3  # two full blocks and a partial one
     gts, recons = rand_images(n, 20, seed=3), rand_images(n, 20, seed=4)
-    whole = core.row_pearson(core.resize(recons, core.PIXEL_SIZE), core.resize(gts, core.PIXEL_SIZE))
+    r256, g256 = core.to_eval_size(recons), core.to_eval_size(gts)
+    whole = core.row_pearson(core.resize(r256, core.PIXEL_SIZE), core.resize(g256, core.PIXEL_SIZE))
     blocks = core.pixcorr_per_image(recons, gts)
     assert blocks.shape == (n,) and np.array_equal(blocks, whole)
 
@@ -73,13 +78,39 @@ def test_ssim_matches_skimage_on_rgb2gray_of_resized_images():
     from skimage.color import rgb2gray
     gts, recons = rand_images(2, 24, seed=3), rand_images(2, 24, seed=4)
     recons = 0.7 * gts + 0.3 * recons
-    up = lambda x: F.interpolate(x, size=(425, 425), mode="bilinear", align_corners=False)  # noqa: E731
+    up = lambda x: bilinear(bilinear(x, 256), 425)  # noqa: E731 - MindEye2: 256 first, then 425
     g = rgb2gray(up(gts).permute(0, 2, 3, 1).numpy())
     r = rgb2gray(up(recons).permute(0, 2, 3, 1).numpy())
     expected = np.mean([structural_similarity(r[i], g[i], gaussian_weights=True, sigma=1.5,
                                               use_sample_covariance=False, data_range=1.0) for i in range(2)])
     assert core.ssim(recons, gts) == pytest.approx(expected, abs=1e-6)
     assert core.ssim(gts, gts) == pytest.approx(1.0)
+
+
+def test_public_pixel_metrics_do_the_256_pre_resize_themselves():
+    gts, recons = rand_images(2, 300, seed=5), rand_images(2, 300, seed=6)  # 300 px: 256 is a real step
+    recons = 0.5 * recons + 0.5 * gts
+    g256, r256 = core.to_eval_size(gts), core.to_eval_size(recons)
+    assert core.pixcorr(recons, gts) == core.pixcorr(r256, g256)  # bit for bit
+    assert core.ssim(recons, gts) == core.ssim(r256, g256)
+    # without the pre-resize (300 -> 425 directly) the value differs: the step is not a no-op here
+    direct = core.row_pearson(core.resize(recons, core.PIXEL_SIZE), core.resize(gts, core.PIXEL_SIZE)).mean()
+    assert abs(core.pixcorr(recons, gts) - direct) > 1e-4
+
+
+def test_evaluate_reconstructions_uses_the_public_pixel_functions_bit_for_bit():
+    from mindhier.evaluate import evaluate_reconstructions
+    gts, recons = rand_images(3, 40, seed=7), rand_images(3, 48, seed=8)
+    values = evaluate_reconstructions(recons, gts, suite.pixel_metrics())["values"]
+    assert values["pixcorr"] == core.pixcorr(recons, gts) and values["ssim"] == core.ssim(recons, gts)
+    # and equal to the procedure before the public functions took the pre-resize in
+    r, g = core.to_eval_size(recons), core.to_eval_size(gts)
+    before = core.row_pearson(core.resize(r, core.PIXEL_SIZE), core.resize(g, core.PIXEL_SIZE))
+    assert values["pixcorr"] == float(before.mean())
+    grey = lambda x: core.to_grey(core.resize(x, core.PIXEL_SIZE))  # noqa: E731
+    before = [structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                    data_range=1.0) for a, b in zip(grey(r), grey(g))]
+    assert values["ssim"] == float(np.array(before).mean())
 
 
 # ------------------------------------------------------------------------------ two-way identification
@@ -188,7 +219,7 @@ def alexnet_file(tmp_path_factory):
 
 def test_alexnet_weights_round_trip_through_the_loader(alexnet_file):
     path, original = alexnet_file
-    loaded = nets.load_torchvision_net("alexnet", path)
+    loaded = nets.load_torchvision_net("alexnet", path, allow_unpublished=True)  # random init: unpublished
     for (k, a), (_, b) in zip(original.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -198,7 +229,7 @@ def test_pth_weights_are_read_with_weights_only(tmp_path, alexnet_file):
     path = tmp_path / "alexnet-owt-test.pth"
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)  # DataParallel prefix
     assert nets.find_weights(tmp_path, "alexnet") == path
-    loaded = nets.load_torchvision_net("alexnet", path)
+    loaded = nets.load_torchvision_net("alexnet", path, allow_unpublished=True)
     assert torch.equal(loaded.features[0].weight, model.features[0].weight)
 
 
@@ -211,7 +242,7 @@ def test_corrupted_state_dict_names_missing_unexpected_and_misshaped_keys(tmp_pa
     state["classifier.6.weight"] = torch.zeros(10, 4096)
     save_file(state, str(tmp_path / "alexnet.safetensors"))
     with pytest.raises(nets.WeightsError) as err:
-        nets.load_torchvision_net("alexnet", tmp_path / "alexnet.safetensors")
+        nets.load_torchvision_net("alexnet", tmp_path / "alexnet.safetensors", allow_unpublished=True)
     msg = str(err.value)
     assert "features.0.bias" in msg and "features.99.weight" in msg and "classifier.6.weight" in msg
 
@@ -237,7 +268,7 @@ def test_swav_ignores_training_heads_but_nothing_else(tmp_path):
     state["module.prototypes.weight"] = torch.zeros(3000, 128)
     torch.save(state, tmp_path / "swav_800ep_pretrain.pth.tar")
     path = nets.find_weights(tmp_path, "swav_resnet50")
-    loaded = nets.load_torchvision_net("swav_resnet50", path)
+    loaded = nets.load_torchvision_net("swav_resnet50", path, allow_unpublished=True)
     assert isinstance(loaded.fc, torch.nn.Identity)
     assert nets.LayerFeatures(loaded, "avgpool")(torch.zeros(1, 3, 64, 64)).shape == (1, 2048)
 
@@ -254,8 +285,11 @@ def test_absent_weights_make_metrics_not_available_never_random(tmp_path):
 def test_standard_suite_uses_a_weight_file_when_present(alexnet_file, tmp_path):
     path, _ = alexnet_file
     (tmp_path / "alexnet.safetensors").symlink_to(path)
-    metrics = {m.key: m for m in suite.standard_metrics(weights_dir=tmp_path)}
+    with pytest.raises(nets.UnpublishedWeightsError):  # a random-init file is not torchvision's
+        suite.standard_metrics(weights_dir=tmp_path)
+    metrics = {m.key: m for m in suite.standard_metrics(weights_dir=tmp_path, allow_unpublished=True)}
     assert metrics["alex2"].available and metrics["alex5"].available
+    assert metrics["alex2"].label == "AlexNet(2) (unverified weights)" and not metrics["alex5"].weights["verified"]
     assert (metrics["alex2"].resize, metrics["alex2"].mean) == (256, suite.IMAGENET_MEAN)
     assert not metrics["incep"].available
 
@@ -268,7 +302,9 @@ def test_hf_clip_loader_reads_a_local_folder(tmp_path):
     CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path)
     with pytest.raises(nets.WeightsError, match="ViT-L/14"):
         nets.load_hf_clip(tmp_path)
-    embed = nets.load_hf_clip(tmp_path, require_vit_l14=False)
+    with pytest.raises(nets.WeightsError, match="image_size 28, expected 224"):
+        nets.load_hf_clip(tmp_path, require_vit_l14=False)
+    embed = nets.load_hf_clip(tmp_path, require_vit_l14=False, image_size=28)
     assert embed(torch.zeros(2, 3, 28, 28)).shape == (2, 16)
 
 

@@ -91,6 +91,7 @@ def evaluate_images(
     clip_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 32,
+    allow_unpublished: bool = False,
 ) -> dict[str, float | None]:
     """Metrics of ``recons`` against ``stimuli`` (both (N ≥ 2, 3, H, W) floats in [0, 1], the same
     images in the same order; sizes may differ), as ``{key: value}``.
@@ -99,13 +100,15 @@ def evaluate_images(
     identification (↑, a fraction: 0.5 is chance), and with ``vision`` (a vision checkpoint
     path, a loaded model such as ``Pipeline.vision``, or any images → embeddings callable)
     two-way identification in its embedding space ("clip_ours"). MindEye2's eight columns are
-    added when ``weights_dir`` / ``clip_dir`` give their networks. A metric that cannot be
-    computed honestly is None; :func:`evaluate_reconstructions` says why."""
+    added when ``weights_dir`` / ``clip_dir`` give their networks; a torchvision file that is not
+    the published one (sha256) is refused unless ``allow_unpublished``, and then labelled
+    "unverified weights". A metric that cannot be computed honestly is None;
+    :func:`evaluate_reconstructions` says why."""
     embed, reason = vision_embedder(vision)
     if weights_dir is None and clip_dir is None:
         metrics = suite.pixel_metrics() + suite.offline_metrics(embed, reason)
     else:
-        metrics = suite.default_metrics(weights_dir, clip_dir, embed, reason)
+        metrics = suite.default_metrics(weights_dir, clip_dir, embed, reason, allow_unpublished=allow_unpublished)
     return evaluate_reconstructions(recons, stimuli, metrics, device=device, batch_size=batch_size)["values"]
 
 
@@ -123,7 +126,7 @@ def vision_embedder(vision):
 
 def column_info(metric: suite.Metric) -> dict:
     return {"key": metric.key, "label": metric.label, "kind": metric.kind, "display": metric.display,
-            "higher_is_better": metric.higher_is_better, "note": metric.note}
+            "higher_is_better": metric.higher_is_better, "note": metric.note, "weights": metric.weights}
 
 
 def check_images(images, what: str, source: str | Path = "") -> None:
@@ -284,8 +287,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ground truth: a tensor file (key 'images') or a MindEye2-layout data root")
     parser.add_argument("--out", required=True, help="output folder for metrics.json and metrics.md")
     parser.add_argument("--weights-dir", default=None,
-                        help="folder with torchvision state dicts: alexnet*.pth, inception_v3*.pth, "
-                             "efficientnet_b1*.pth, swav*.pth (.safetensors also read); absent nets give n/a")
+                        help="folder with torchvision's published state dicts (alexnet-owt-7be5be79.pth, "
+                             "inception_v3_google-0cc3c7bd.pth, efficientnet_b1-c27df63c.pth = V2, MindEye2's), "
+                             "checked by sha256 and named in the results; swav*.pth has no published digest "
+                             "(needs --allow-unpublished-weights); absent nets give n/a")
+    parser.add_argument("--allow-unpublished-weights", action="store_true",
+                        help="accept weight files whose sha256 matches no published file; their columns are "
+                             "labelled 'unverified weights' (not comparable with the literature)")
     parser.add_argument("--clip-dir", default=None, help="local Hugging Face CLIP ViT-L/14 folder (CLIP column)")
     parser.add_argument("--vision", default=None, metavar="CKPT",
                         help="in-project CLIP checkpoint (`mindhier train-vision` output): adds two-way "
@@ -336,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
     recon_paths = parse_pairs(args.recons, "--recons", allow_bare=True)
     setting = parse_pairs(args.setting, "--setting")
     embed, vision_reason = load_vision_embedder(args.vision)
-    metrics = suite.default_metrics(args.weights_dir, args.clip_dir, embed, vision_reason)
+    metrics = suite.default_metrics(args.weights_dir, args.clip_dir, embed, vision_reason,
+                                    allow_unpublished=args.allow_unpublished_weights)
 
     rows, counts, missing, columns = {}, {}, {}, []
     for name, recon_path in recon_paths.items():

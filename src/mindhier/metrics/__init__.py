@@ -1,7 +1,9 @@
 """MindEye2's evaluation (SPEC §6): pixel metrics, feature networks, two-way identification.
 
-- :mod:`~mindhier.metrics.core`  — resizes, PixCorr, SSIM, two-way identification, correlation distance
-- :mod:`~mindhier.metrics.nets`  — feature networks built from definitions + user weight files
+- :mod:`~mindhier.metrics.core`  — resizes, PixCorr and SSIM (each the whole procedure, 256 px
+  pre-resize included), two-way identification, correlation distance
+- :mod:`~mindhier.metrics.nets`  — feature networks built from definitions + user weight files,
+  sha256-checked against torchvision's published files
 - :mod:`~mindhier.metrics.suite` — the metric columns and the standard / offline suites
 - :mod:`~mindhier.metrics.tv`    — importing torchvision on a CPU torch (SPEC §8)
 

@@ -48,17 +48,27 @@ def row_pearson(a, b) -> np.ndarray:
 
 PIXCORR_CHUNK = 16  # images per block: float64 rows of 3×425×425 stay cache-sized (300 images: 4× faster)
 
+# PixCorr and SSIM below are MindEye2's whole procedure: the 256 px pre-resize, then 425 px, then
+# the statistic. evaluate_reconstructions pre-resizes once for all metrics and calls these same
+# functions; on images already at 256 px the pre-resize returns its input, so values are
+# unchanged. The _*_425 kernels assume 256 px input and are not for callers.
+
 
 def pixcorr_per_image(recons: torch.Tensor, gts: torch.Tensor) -> np.ndarray:
-    """Pearson r of the flattened RGB pixels at 425×425, per image pair. Computed in blocks of
-    PIXCORR_CHUNK images: every value is the same, bit for bit, as in one block."""
-    blocks = [row_pearson(resize(recons[i:i + PIXCORR_CHUNK], PIXEL_SIZE), resize(gts[i:i + PIXCORR_CHUNK], PIXEL_SIZE))
+    """MindEye2's PixCorr per image pair: 256 px, then Pearson r of the flattened RGB pixels at
+    425×425. Computed in blocks of PIXCORR_CHUNK images: the same values, bit for bit."""
+    blocks = [_pixcorr_425(to_eval_size(recons[i:i + PIXCORR_CHUNK]), to_eval_size(gts[i:i + PIXCORR_CHUNK]))
               for i in range(0, len(recons), PIXCORR_CHUNK)]
     return np.concatenate(blocks) if blocks else np.zeros(0)
 
 
 def pixcorr(recons: torch.Tensor, gts: torch.Tensor) -> float:
+    """MindEye2's PixCorr (↑): the mean of :func:`pixcorr_per_image`."""
     return float(pixcorr_per_image(recons, gts).mean())
+
+
+def _pixcorr_425(recons256: torch.Tensor, gts256: torch.Tensor) -> np.ndarray:
+    return row_pearson(resize(recons256, PIXEL_SIZE), resize(gts256, PIXEL_SIZE))
 
 
 def to_grey(images: torch.Tensor) -> np.ndarray:
@@ -68,18 +78,24 @@ def to_grey(images: torch.Tensor) -> np.ndarray:
 
 
 def ssim_per_image(recons: torch.Tensor, gts: torch.Tensor) -> np.ndarray:
-    """Grey-level SSIM at 425×425 with the original's settings (Gaussian σ 1.5, population cov.)."""
-    rec = to_grey(resize(recons, PIXEL_SIZE))
-    ref = to_grey(resize(gts, PIXEL_SIZE))
+    """MindEye2's SSIM per image pair: 256 px, then grey-level SSIM at 425×425 with the
+    original's settings (Gaussian σ 1.5, population covariance, data range 1)."""
+    return _ssim_425(to_eval_size(recons), to_eval_size(gts))
+
+
+def ssim(recons: torch.Tensor, gts: torch.Tensor) -> float:
+    """MindEye2's SSIM (↑): the mean of :func:`ssim_per_image`."""
+    return float(ssim_per_image(recons, gts).mean())
+
+
+def _ssim_425(recons256: torch.Tensor, gts256: torch.Tensor) -> np.ndarray:
+    rec = to_grey(resize(recons256, PIXEL_SIZE))
+    ref = to_grey(resize(gts256, PIXEL_SIZE))
     return np.array([
         structural_similarity(r, g, gaussian_weights=True, sigma=1.5,
                               use_sample_covariance=False, data_range=1.0)
         for r, g in zip(rec, ref)
     ])
-
-
-def ssim(recons: torch.Tensor, gts: torch.Tensor) -> float:
-    return float(ssim_per_image(recons, gts).mean())
 
 
 def correlation_matrix(real_feats, pred_feats) -> np.ndarray:

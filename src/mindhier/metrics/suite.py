@@ -35,6 +35,7 @@ class Metric:
     kind: str  # "pixel" (↑), "twoway" (↑, fraction), "corrdist" (↓)
     reason: str | None = None
     note: str | None = None  # footnote for tables: what the column is when it is not MindEye2's
+    weights: dict | None = None  # nets.WeightsIdentity.as_dict() of the network's weight file
 
     @property
     def available(self) -> bool:
@@ -116,52 +117,78 @@ def pixel_metrics() -> list[Metric]:
 
 
 def _missing(net: str, weights_dir) -> str:
-    prefix = nets.WEIGHT_PREFIXES[net]
     where = f"in {weights_dir}" if weights_dir else "(no --weights-dir given)"
-    return f"no {net} weights {where}: add {prefix}*.pth or .safetensors (torchvision state dict)"
+    files = nets.PUBLISHED[net]
+    wanted = (" or ".join(f.name for f in files) + " (torchvision's file, sha256-checked)" if files
+              else f"{nets.WEIGHT_PREFIXES[net]}*.pth.tar ({nets.SWAV_URL}; no published digest: "
+                   "needs allow_unpublished)")
+    return f"no {net} weights {where}: add {wanted}"
 
 
 def standard_metrics(weights_dir: str | os.PathLike | None = None,
-                     clip_dir: str | os.PathLike | None = None) -> list[Metric]:
-    """MindEye2's eight columns, in its order. Networks whose weights are missing are n/a."""
+                     clip_dir: str | os.PathLike | None = None,
+                     allow_unpublished: bool = False) -> list[Metric]:
+    """MindEye2's eight columns, in its order. Networks whose weights are missing are n/a; a
+    torchvision file must be a published one (sha256-checked, nets.verify_weights) unless
+    ``allow_unpublished``, and then its columns are labelled "unverified weights"."""
     metrics = pixel_metrics()
-
-    alex = nets.find_weights(weights_dir, "alexnet")
-    if alex:
-        model = nets.load_torchvision_net("alexnet", alex)
-        metrics += [
-            FeatureMetric("alex2", "AlexNet(2)", "twoway", extractor=nets.LayerFeatures(model, "features.4"),
-                          resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-            FeatureMetric("alex5", "AlexNet(5)", "twoway", extractor=nets.LayerFeatures(model, "features.11"),
-                          resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        ]
-    else:
-        metrics += [unavailable("alex2", "AlexNet(2)", "twoway", _missing("alexnet", weights_dir)),
-                    unavailable("alex5", "AlexNet(5)", "twoway", _missing("alexnet", weights_dir))]
-
-    metrics.append(_torchvision_metric("incep", "Inception", "twoway", "inception_v3", "avgpool", 342, weights_dir))
-
-    clip_dir = clip_dir or nets.find_clip_dir(weights_dir)
-    if clip_dir:
-        metrics.append(FeatureMetric("clip", "CLIP", "twoway", extractor=nets.load_hf_clip(clip_dir),
-                                     resize=224, mean=CLIP_MEAN, std=CLIP_STD))
-    else:
-        metrics.append(unavailable("clip", "CLIP", "twoway",
-                                   "no CLIP ViT-L/14: pass --clip-dir (a local Hugging Face directory) or put "
-                                   f"{nets.CLIP_DIR_NAMES[0]}/ in --weights-dir"))
-
-    metrics.append(_torchvision_metric("eff", "EffNet-B1", "corrdist", "efficientnet_b1", "avgpool", 255, weights_dir))
-    metrics.append(_torchvision_metric("swav", "SwAV", "corrdist", "swav_resnet50", "avgpool", 224, weights_dir))
+    # (key, label, kind, layer, resize) per net: SPEC §6
+    metrics += _torchvision_metrics([("alex2", "AlexNet(2)", "twoway", "features.4", 256),
+                                     ("alex5", "AlexNet(5)", "twoway", "features.11", 256)],
+                                    "alexnet", weights_dir, allow_unpublished)
+    metrics += _torchvision_metrics([("incep", "Inception", "twoway", "avgpool", 342)],
+                                    "inception_v3", weights_dir, allow_unpublished)
+    metrics.append(clip_metric(clip_dir or nets.find_clip_dir(weights_dir)))
+    metrics += _torchvision_metrics([("eff", "EffNet-B1", "corrdist", "avgpool", 255)],
+                                    "efficientnet_b1", weights_dir, allow_unpublished)
+    metrics += _torchvision_metrics([("swav", "SwAV", "corrdist", "avgpool", 224)],
+                                    "swav_resnet50", weights_dir, allow_unpublished)
     return metrics
 
 
-def _torchvision_metric(key, label, kind, net, layer, size, weights_dir) -> Metric:
+# MindEye2 scored EffNet-B1 with torchvision's DEFAULT weights = IMAGENET1K_V2 (nets.PUBLISHED)
+EFF_MINDEYE2_VARIANT = "EfficientNet_B1_Weights.IMAGENET1K_V2"
+
+
+def _torchvision_metrics(columns, net, weights_dir, allow_unpublished) -> list[Metric]:
+    """The columns of one torchvision net (one load, shared by its columns), or n/a ones."""
     path = nets.find_weights(weights_dir, net)
     if path is None:
-        return unavailable(key, label, kind, _missing(net, weights_dir))
-    model = nets.load_torchvision_net(net, path)
-    return FeatureMetric(key, label, kind, extractor=nets.LayerFeatures(model, layer),
-                         resize=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return [unavailable(key, label, kind, _missing(net, weights_dir)) for key, label, kind, _, _ in columns]
+    # the keyword only when set: nets.load_torchvision_net(net, path) is the call for verified files
+    # (and the one tests/test_evaluate.py substitutes with randomly initialised nets)
+    model = nets.load_torchvision_net(net, path, **({"allow_unpublished": True} if allow_unpublished else {}))
+    identity = nets.weights_identity(model)
+    label_suffix, note = _weights_label(net, identity)
+    return [FeatureMetric(key, label + label_suffix, kind, note=note,
+                          weights=identity.as_dict() if identity else {"net": net, "verified": False},
+                          extractor=nets.LayerFeatures(model, layer), resize=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            for key, label, kind, layer, size in columns]
+
+
+def _weights_label(net: str, identity) -> tuple[str, str]:
+    """(label suffix, note) that say which weights a column used: nothing is added to the label
+    for the files MindEye2 used; anything else is flagged in the label itself."""
+    if identity is None:
+        return " (unverified weights)", f"{net}: UNVERIFIED WEIGHTS (loaded without a recorded file identity)"
+    note = f"{net} weights: {identity.describe()}"
+    if not identity.verified:
+        return " (unverified weights)", note
+    if net == "efficientnet_b1" and identity.variant != EFF_MINDEYE2_VARIANT:
+        variant = identity.variant.rsplit(".", 1)[-1]
+        return f" ({variant})", note + f"; MindEye2 used {EFF_MINDEYE2_VARIANT} (DEFAULT): not comparable"
+    return "", note
+
+
+def clip_metric(clip_dir: str | os.PathLike | None) -> Metric:
+    if not clip_dir:
+        return unavailable("clip", "CLIP", "twoway", "no CLIP ViT-L/14: pass --clip-dir (a local Hugging Face "
+                                                     f"directory) or put {nets.CLIP_DIR_NAMES[0]}/ in --weights-dir")
+    size = nets.CLIP_IMAGE_SIZE  # one number: what load_hf_clip checks is what the column resizes to
+    return FeatureMetric("clip", "CLIP", "twoway", extractor=nets.load_hf_clip(clip_dir, image_size=size),
+                         resize=size, mean=CLIP_MEAN, std=CLIP_STD,
+                         note=f"CLIP weights: Hugging Face ViT-L/14 ({size} px) from {clip_dir} (not hash-checked)",
+                         weights={"net": "clip_vit_l14", "file": str(clip_dir), "checked": f"config: ViT-L/14, {size} px"})
 
 
 LITE0_NOTE = ("EffNet-Lite0 (offline stand-in, not comparable to EffNet-B1): real ImageNet weights from "
@@ -197,8 +224,9 @@ def offline_metrics(vision_embed: Callable | None = None, vision_reason: str | N
     return [vision_metric(vision_embed, vision_reason), *lite0_metrics()]
 
 
-def default_metrics(weights_dir=None, clip_dir=None, vision_embed=None, vision_reason=None) -> list[Metric]:
-    return standard_metrics(weights_dir, clip_dir) + offline_metrics(vision_embed, vision_reason)
+def default_metrics(weights_dir=None, clip_dir=None, vision_embed=None, vision_reason=None,
+                    allow_unpublished: bool = False) -> list[Metric]:
+    return standard_metrics(weights_dir, clip_dir, allow_unpublished) + offline_metrics(vision_embed, vision_reason)
 
 
 # ---------------------------------------------------------------------------------------------
