@@ -29,6 +29,7 @@ from mindhier.encoder import (
     top1_retrieval,
     two_way_identification,
 )
+from mindhier.encoder.losses import LOSS_PRESETS, LossConfig
 from mindhier.encoder.targets import check_batch_targets, check_cached_layers
 
 SMALL = VisionShape(num_tokens=5, feature_dim=16, text_tokens=3, text_dim=12)
@@ -199,6 +200,52 @@ def test_loss_falls_when_fitting_random_targets():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def random_case(batch=4):
+    model = make().eval()
+    with torch.no_grad():
+        out = model(torch.randn(batch, 40))
+    layers, final = (2, 4, 6, 7), 8
+    torch.manual_seed(3)
+    targets = {f"layer_{g}": torch.randn(batch, 5, 16) for g in (*layers, final)}
+    targets["text"] = torch.randn(batch, 3, 12)
+    return out, targets, layers, final
+
+
+def test_text_mse_weight_is_applied_to_the_text_mse_only():
+    out, targets, layers, final = random_case()
+    total1, parts1 = encoder_loss(out, targets, layers, final, TINY)
+    total, parts = encoder_loss(out, targets, layers, final, TINY, LossConfig(text_mse_weight=3.5))
+    assert parts == parts1  # logged parts stay unweighted
+    assert float(total) == pytest.approx(float(total1) + 2.5 * parts["mse_text"], rel=1e-6)
+    total0, _ = encoder_loss(out, targets, layers, final, TINY, LossConfig(text_mse_weight=0.0))
+    assert float(total0) == pytest.approx(float(total1) - parts["mse_text"], rel=1e-6)
+
+
+def test_official_weighting_matches_the_official_200000_mean_mse():
+    """The official code: every MSE is 200000 · nn.MSELoss on flattened normalised tensors.
+    With text_mse_weight = (T·D)/(Tt·Dt) our text MSE stands to our image MSE as there."""
+    out, targets, layers, final = random_case()
+    weight = (5 * 16) / (3 * 12)  # SMALL's (T·D)/(Tt·Dt); 257/77 for CLIP ViT-L/14
+    _, parts = encoder_loss(out, targets, layers, final, TINY, LossConfig(text_mse_weight=weight))
+    def mse(a, b):  # the official term, on flattened normalised tensors
+        norm = lambda x: torch.nn.functional.normalize(x.float().flatten(1), dim=-1)
+        return 200000 * torch.nn.functional.mse_loss(norm(a), norm(b))
+
+    official = float(mse(out.text, targets["text"]) / mse(out.image_final, targets[f"layer_{final}"]))
+    assert weight * parts["mse_text"] / parts["mse_final_image"] == pytest.approx(official, rel=1e-5)
+
+
+def test_loss_presets():
+    assert set(LOSS_PRESETS) == set(PRESETS)
+    assert LOSS_PRESETS["paper"].text_mse_weight == pytest.approx((257 * 768) / (77 * 768))
+    assert LOSS_PRESETS["paper"].text_mse_weight == pytest.approx(
+        (200000 / (77 * 768)) / (200000 / (257 * 768)))  # ≈ 3.34: the official text/image ratio
+    assert LOSS_PRESETS["demo"].text_mse_weight == LOSS_PRESETS["tiny"].text_mse_weight == 1.0
+    assert encoder_loss.__defaults__[-1] is None  # no LossConfig: the paper's unit weights
+    with pytest.raises(ConfigError, match="text_mse_weight must be a number >= 0"):
+        LossConfig(text_mse_weight=-1.0)
 
 
 # ---- layer maps and targets --------------------------------------------------------------

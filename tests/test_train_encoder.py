@@ -205,6 +205,78 @@ def test_resume_refuses_other_settings(setup, tmp_path, capsys):
     assert "mlp_hidden" in capsys.readouterr().err
 
 
+# ---- caption rule and text-loss weight ------------------------------------------------------
+
+
+def make_trainer(setup, out: Path, *extra: str):
+    from mindhier.train import encoder as trainer
+    from mindhier.train.distributed import distributed_session
+
+    base, data, vision = setup
+    parser = trainer.argparse.ArgumentParser()
+    trainer.add_arguments(parser)
+    args = parser.parse_args(["--data", str(data), "--vision", str(vision), "--out", str(out), "--preset", "tiny",
+                              "--global-batch", "16", "--target-cache", str(base / "targets"), "--device", "cpu",
+                              *extra])
+    with distributed_session("cpu") as d:
+        return trainer.Trainer(args, d)
+
+
+def test_text_target_rotates_over_the_captions_by_step(setup, tmp_path):
+    """--captions rotate (default): step k of an epoch encodes caption k % 3 of every image of
+    the step (the official prompts[train_i % 3]); --captions fixed: caption (image index) % 3."""
+    from mindhier.data import caption_for
+    from mindhier.vision import load_vision
+
+    _, data, vision_dir = setup
+    vision = load_vision(vision_dir).freeze()
+    captions = np.load(layout.captions_path(data))
+    images = np.array([0, 5, 7, 42])
+
+    def expected(variant_of) -> torch.Tensor:
+        texts = [caption_for(captions, int(i), variant_of(int(i))) for i in images]
+        return vision.text_targets(texts)[0].half().float()  # the caches hold fp16
+
+    rotate = make_trainer(setup, tmp_path / "rotate")
+    got = [rotate._targets(images, k)["text"] for k in range(7)]
+    for k, text in enumerate(got):
+        torch.testing.assert_close(text, expected(lambda i, k=k: k % 3), rtol=1e-3, atol=2e-3)
+    assert torch.equal(got[0], got[3]) and torch.equal(got[1], got[4]) and torch.equal(got[0], got[6])
+    assert not torch.equal(got[0], got[1]) and not torch.equal(got[1], got[2])
+    fixed = make_trainer(setup, tmp_path / "fixed", "--captions", "fixed")
+    for k in range(3):
+        torch.testing.assert_close(fixed._targets(images, k)["text"], expected(lambda i: i % 3), rtol=1e-3, atol=2e-3)
+    other = {k: v for k, v in rotate._targets(images, 1).items() if k != "text"}
+    assert all(torch.equal(v, fixed._targets(images, 1)[k]) for k, v in other.items())  # vision targets alike
+
+
+def test_caption_rule_and_text_weight_are_recorded_and_checked_on_resume(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(setup, out, "--stop-after", "1", "--text-mse-weight", "2.5") == 0
+    train = json.loads((out / "encoder.json").read_text())["train"]
+    assert train["captions"] == "rotate" and train["loss"] == {"text_mse_weight": 2.5}
+    capsys.readouterr()
+    assert cli(setup, out, "--resume", "--stop-after", "1") == 2
+    assert "loss.text_mse_weight: expected 1.0, checkpoint has 2.5" in capsys.readouterr().err
+    assert cli(setup, out, "--resume", "--stop-after", "1", "--text-mse-weight", "2.5", "--captions", "fixed") == 2
+    assert "captions: expected 'fixed', checkpoint has 'rotate'" in capsys.readouterr().err
+    assert cli(setup, out, "--resume", "--stop-after", "1", "--text-mse-weight", "2.5") == 0
+
+
+def test_runs_from_before_these_settings_resume_as_they_were_trained(setup, tmp_path, capsys):
+    """A checkpoint without ``captions``/``loss`` trained with the fixed caption and unit weight."""
+    out = tmp_path / "old"
+    assert cli(setup, out, "--stop-after", "1", "--captions", "fixed") == 0
+    meta_path = out / "encoder.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["train"]["captions"], meta["train"]["loss"]
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli(setup, out, "--resume", "--stop-after", "1") == 2  # the new default is another run
+    assert "captions: expected 'rotate', checkpoint has 'fixed'" in capsys.readouterr().err
+    assert cli(setup, out, "--resume", "--stop-after", "1", "--captions", "fixed") == 0
+
+
 # ---- bad inputs ------------------------------------------------------------------------------
 
 

@@ -6,9 +6,10 @@
 
 Every tensor is flattened per sample (tokens × width) and ℓ2-normalised before it is compared,
 for stability (the paper cites Yu et al. 2022). v_L is the final vision layer on all tokens
-(``layer_{L}`` in the target cache); its CLS row is CLIP's pooled image embedding. All terms
-have weight 1: the paper sums them (§3.2, Algorithm 1), and so does this loss. Algorithm 1's line
-``MSELoss(e_M, v_gm)`` is a typo for e_m (otherwise the loop would supervise one tensor M times).
+(``layer_{L}`` in the target cache); its CLS row is CLIP's pooled image embedding. The paper sums
+the terms with weight 1 (§3.2, Algorithm 1); the official code weights the text MSE more (see
+:class:`LossConfig`), so its weight is a named field. Algorithm 1's line ``MSELoss(e_M, v_gm)``
+is a typo for e_m (otherwise the loop would supervise one tensor M times).
 
 Eq. 2 as printed is a hard InfoNCE; the official code (like MindEye) uses SoftCLIP, whose targets
 are the softmaxed similarities among the targets themselves, so near-duplicate images in a batch
@@ -17,13 +18,50 @@ are not pushed apart. With τ = 0.005.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from mindhier.config import ConfigError
 from mindhier.encoder.model import EncoderConfig, EncoderOutput
 from mindhier.encoder.targets import check_batch_targets
 
 FINAL_IMAGE, FINAL_TEXT = "final_image", "text"
+
+# The official stage-1 code (github.com/XuZhang2/MindHier, brainencoder/train.py, --mse_scale
+# 200000) takes every MSE as 200000 · nn.MSELoss, i.e. the mean over the T·D elements of a
+# flattened normalised tensor. Per sample that is 200000/(T·D) times this module's Eq. 1 term:
+# 200000/(257·768) ≈ 1.013 for the image levels and the final image, 200000/(77·768) ≈ 3.382
+# for the text tokens. Relative to the image terms the official text MSE therefore weighs
+# (257·768)/(77·768) = 257/77 ≈ 3.34 (its SoftCLIP terms have weight 1, as here).
+OFFICIAL_TEXT_MSE_WEIGHT = 257 / 77
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the stage-1 loss terms that are not 1.
+
+    text_mse_weight: factor on MSE(ℓ2(text), ℓ2(t)), relative to the image MSE terms (which,
+    like both SoftCLIP terms, keep weight 1). 1.0 is the paper as printed (§3.2: "the sum of the
+    above loss terms"; Algorithm 1). ``OFFICIAL_TEXT_MSE_WEIGHT`` (257/77 ≈ 3.34) is the
+    official code's relative weighting for CLIP ViT-L/14's 257 image and 77 text tokens, with
+    ``mse_reduction="sample"`` (under "element" the official ratio is 1)."""
+
+    text_mse_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.text_mse_weight >= 0:
+            raise ConfigError(f"LossConfig.text_mse_weight must be a number >= 0, got {self.text_mse_weight}")
+
+
+# Keyed like the encoder's PRESETS. tiny/demo keep the paper's unit weights (the demo's encoder
+# was trained so, and its small-CLIP text has 40 tokens, not 77); paper is the official code.
+LOSS_PRESETS: dict[str, LossConfig] = {
+    "tiny": LossConfig(),
+    "demo": LossConfig(),
+    "paper": LossConfig(text_mse_weight=OFFICIAL_TEXT_MSE_WEIGHT),
+}
 
 
 def flat_normalized(x: torch.Tensor) -> torch.Tensor:
@@ -65,11 +103,14 @@ def encoder_loss(
     layers: tuple[int, ...],
     final_layer: int,
     cfg: EncoderConfig,
+    loss_cfg: LossConfig | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts (floats, for logging).
+    """Total loss and its parts (floats, for logging; unweighted, so runs with other weights
+    log comparable parts). total = Σ parts, with ``mse_text`` times ``loss_cfg.text_mse_weight``.
 
     targets: ``layer_{g}`` (B, T, D) for every g in ``layers`` and for ``final_layer``, and
     ``text`` (B, Tt, Dt). ``layers[m]`` is g_{m+1}, the vision layer level m+1 aligns with."""
+    loss_cfg = loss_cfg or LossConfig()
     if len(layers) != len(out.levels):
         raise ValueError(f"{len(out.levels)} encoder levels but {len(layers)} vision layers {layers}")
     check_batch_targets(targets, layers, final_layer, "the target batch")
@@ -81,5 +122,6 @@ def encoder_loss(
     parts["mse_text"] = aligned_mse(out.text, text, cfg.mse_reduction)
     parts["softclip_image"] = soft_clip_loss(out.image_final, v_final, cfg.tau)
     parts["softclip_text"] = soft_clip_loss(out.text, text, cfg.tau)
-    total = torch.stack(list(parts.values())).sum()
+    weights = {"mse_text": loss_cfg.text_mse_weight}
+    total = torch.stack([weights.get(k, 1.0) * v for k, v in parts.items()]).sum()
     return total, {k: float(v.detach()) for k, v in parts.items()}

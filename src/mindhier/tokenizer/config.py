@@ -22,7 +22,7 @@ class VQVAEConfig:
     num_res_blocks: int = 2  # ResnetBlocks per encoder level (decoder has one more)
     image_size: int = 512  # H = W of the images the model takes (pixels)
     scales: tuple = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # patch_nums: token map side per scale
-    share_quant_resi: int = 4  # number of shared φ convs (VAR's partially shared Phi)
+    share_quant_resi: int = 4  # VAR's --qsr: 0 one φ per scale, 1 one φ for all, n ≥ 2 n shared φ
     quant_resi: float = 0.5  # φ(h) = (1 - r)·h + r·conv(h)
     beta: float = 0.25  # commitment weight
     norm_groups: int = 32  # GroupNorm groups (VAR: 32); small presets may need fewer
@@ -40,8 +40,9 @@ class VQVAEConfig:
         widths = [self.ch * m for m in self.ch_mult]
         if any(w % self.norm_groups for w in widths):
             raise ConfigError(f"VQVAEConfig: widths {widths} must be divisible by norm_groups {self.norm_groups}")
-        if self.share_quant_resi < 1:
-            raise ConfigError("VQVAEConfig.share_quant_resi must be >= 1 (VAR's default is 4)")
+        if self.share_quant_resi < 0:
+            raise ConfigError(f"VQVAEConfig.share_quant_resi must be >= 0 (0: one φ per scale, 1: one "
+                              f"shared φ, n >= 2: n shared φ; VAR's default is 4), got {self.share_quant_resi}")
 
     @property
     def downsample(self) -> int:

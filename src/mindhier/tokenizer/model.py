@@ -56,7 +56,7 @@ class MultiScaleVQVAE(nn.Module):
         return self.cfg.image_size
 
     def phi_index(self, k: int) -> int:
-        """Which shared φ conv scale k uses (10 scales, 4 φ: 0,0,1,1,1,2,2,3,3,3)."""
+        """Which φ conv scale k uses (VAR's rule, see quant.py; 10 scales, 4 φ: 0,0,1,1,1,2,2,3,3,3)."""
         return self.quantize.phi_index(k)
 
     # ----- value ranges -----------------------------------------------------------------------

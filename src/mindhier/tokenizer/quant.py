@@ -9,13 +9,21 @@ Encoding a latent f (B, C, n, n) into K token maps r_1..r_K (scale k has side pn
         h_k  = φ_k(bicubic-upsample(Z[r_k]) to n × n)       (last scale: no resampling)
         f̂  += h_k ; rest −= h_k
 
-φ_k(h) = (1 − q)·h + q·conv3x3(h) with q = ``quant_resi``; ``share_quant_resi`` convs are
-shared across scales, scale k using the conv whose tick (linspace(1/3S, 1 − 1/3S, S)) is
-nearest to k/(K−1). The generator's input for scale k+1 is the area-downsample of the running
-f̂ to pn_{k+1} (teacher forcing and sampling build it identically).
+φ_k(h) = (1 − q)·h + q·conv3x3(h) with q = ``quant_resi``. Which conv scale k uses follows VAR's
+quant.py (``share_quant_resi``, VAR's ``--qsr``):
 
-Parameter and buffer names (``embedding``, ``quant_resi.qresi_ls.{i}``, ``ema_vocab_hit_SV``)
-follow VAR's checkpoints.
+    0   PhiNonShared        one φ per scale (K convs)
+    1   PhiShared           one φ for every scale
+    n≥2 PhiPartiallyShared  n convs; scale k takes the conv whose tick is nearest to k/(K−1)
+
+with ticks linspace(1/3n, 1 − 1/3n, n) when n == 4 and linspace(1/2n, 1 − 1/2n, n) otherwise
+(the non-shared list uses the same ticks with n = K, which maps scale k to conv k). So the
+10-scale schedule with 4 convs gives 0,0,1,1,1,2,2,3,3,3 and with 3 convs 0,0,0,0,1,1,1,2,2,2.
+The generator's input for scale k+1 is the area-downsample of the running f̂ to pn_{k+1}
+(teacher forcing and sampling build it identically).
+
+Parameter and buffer names (``embedding``, ``quant_resi.qresi_ls.{i}`` / ``quant_resi.qresi`` /
+``quant_resi.{i}``, ``ema_vocab_hit_SV``) follow VAR's checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mindhier.config import ConfigError
 
 
 class Phi(nn.Conv2d):
@@ -37,18 +47,80 @@ class Phi(nn.Conv2d):
         return h * (1.0 - self.ratio) + super().forward(h) * self.ratio
 
 
-class SharedPhis(nn.Module):
-    """``count`` φ convs shared across the K scales (VAR's partially shared φ)."""
+def phi_ticks(count: int) -> np.ndarray:
+    """VAR's tick positions of ``count`` φ convs on [0, 1] (float64, as VAR's numpy ticks)."""
+    if count == 4:
+        return np.linspace(1 / 3 / count, 1 - 1 / 3 / count, count)
+    return np.linspace(1 / 2 / count, 1 - 1 / 2 / count, count)
 
-    def __init__(self, channels: int, count: int, ratio: float):
+
+def nearest_tick(ticks: np.ndarray, at: float) -> int:
+    # ``at`` is the Python float k/(K-1), compared in float64 exactly as VAR does: the near ties
+    # (k = 2 and 7 of 10 scales with 4 convs, k = 3 and 6 with 3) then resolve as in VAR.
+    return int(np.argmin(np.abs(ticks - at)))
+
+
+class PhiPartiallyShared(nn.Module):
+    """``share_quant_resi`` ≥ 2 φ convs shared across the K scales by nearest tick (VAR's default, 4)."""
+
+    def __init__(self, phis: list[Phi]):
         super().__init__()
-        self.qresi_ls = nn.ModuleList(Phi(channels, ratio) for _ in range(count))
-        # float64 ticks, compared with a Python float k/(K-1): the two ties of the 10-scale
-        # schedule (k = 2 and 7) resolve exactly as in VAR, giving (0,0,1,1,1,2,2,3,3,3).
-        self.ticks = np.linspace(1 / 3 / count, 1 - 1 / 3 / count, count)
+        self.qresi_ls = nn.ModuleList(phis)
+        self.ticks = phi_ticks(len(phis))
 
     def index_for(self, at: float) -> int:
-        return int(np.argmin(np.abs(self.ticks - at)))
+        return nearest_tick(self.ticks, at)
+
+    def conv(self, i: int) -> Phi:
+        return self.qresi_ls[i]
+
+
+class PhiShared(nn.Module):
+    """``share_quant_resi`` = 1: one φ for every scale."""
+
+    def __init__(self, phi: Phi):
+        super().__init__()
+        self.qresi = phi
+
+    def index_for(self, at: float) -> int:
+        return 0
+
+    def conv(self, i: int) -> Phi:
+        return self.qresi
+
+
+class PhiNonShared(nn.ModuleList):
+    """``share_quant_resi`` = 0: one φ per scale, picked by the same nearest-tick rule as VAR."""
+
+    def __init__(self, phis: list[Phi]):
+        super().__init__(phis)
+        self.ticks = phi_ticks(len(phis))
+
+    def index_for(self, at: float) -> int:
+        return nearest_tick(self.ticks, at)
+
+    def conv(self, i: int) -> Phi:
+        return self[i]
+
+
+def make_phis(share_quant_resi: int, num_scales: int, channels: int, ratio: float) -> nn.Module:
+    """VAR's choice of φ sharing from ``share_quant_resi`` (its ``--qsr``); see the module doc."""
+    if share_quant_resi < 0:
+        raise ConfigError(f"share_quant_resi must be >= 0 (0: one φ per scale, 1: one shared φ, "
+                          f"n >= 2: n shared φ), got {share_quant_resi}")
+    if share_quant_resi == 0:
+        return PhiNonShared([Phi(channels, ratio) for _ in range(num_scales)])
+    if share_quant_resi == 1:
+        return PhiShared(Phi(channels, ratio))
+    return PhiPartiallyShared([Phi(channels, ratio) for _ in range(share_quant_resi)])
+
+
+def phi_table(share_quant_resi: int, num_scales: int) -> list[int]:
+    """Which φ conv each of ``num_scales`` scales uses (the index table, without building convs)."""
+    count = {0: num_scales, 1: 1}.get(share_quant_resi, share_quant_resi)
+    ticks = phi_ticks(count)
+    last = num_scales - 1
+    return [nearest_tick(ticks, k / last if last else 0.0) for k in range(num_scales)]
 
 
 class ResidualQuantizer(nn.Module):
@@ -57,7 +129,7 @@ class ResidualQuantizer(nn.Module):
         super().__init__()
         self.vocab_size, self.channels, self.scales, self.beta = vocab_size, channels, tuple(scales), beta
         self.embedding = nn.Embedding(vocab_size, channels)
-        self.quant_resi = SharedPhis(channels, share_quant_resi, quant_resi)
+        self.quant_resi = make_phis(share_quant_resi, len(self.scales), channels, quant_resi)
         # Per-scale EMA of code hits (VAR keeps it in the checkpoint): a usage monitor only.
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.scales), vocab_size))
 
@@ -71,7 +143,7 @@ class ResidualQuantizer(nn.Module):
         return self.quant_resi.index_for(k / last if last else 0.0)
 
     def phi(self, k: int, h: torch.Tensor) -> torch.Tensor:
-        return self.quant_resi.qresi_ls[self.phi_index(k)](h)
+        return self.quant_resi.conv(self.phi_index(k))(h)
 
     def downsample(self, k: int, f: torch.Tensor) -> torch.Tensor:
         """Area-downsample a full-size latent to scale k's side (identity at the last scale)."""

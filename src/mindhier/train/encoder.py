@@ -3,6 +3,9 @@
 Each level e_m of the encoder is pulled towards the vision layer v_{g_m} (paper Eq. 1) and the
 final image/text outputs towards CLIP's final layer and caption tokens (Eq. 2, SoftCLIP).
 Vision targets are computed once into an on-disk cache (next to --out unless --target-cache).
+The text target rotates over each image's first three captions by step as the official code
+does (--captions, mindhier.encoder.targets); the text MSE's weight is --text-mse-weight
+(mindhier.encoder.losses.LossConfig). Both are recorded with the run's settings.
 
   mindhier train-encoder --data worlds/demo --subject 1 --vision runs/vision-demo --out runs/encoder
   torchrun --standalone --nproc_per_node=2 -m mindhier train-encoder ...   (DDP, same flags)
@@ -45,8 +48,10 @@ from mindhier.encoder import (
     flat_cosine, predicted_embedding, top1_retrieval, two_way_identification,
 )
 from mindhier.encoder.io import KIND, check_voxels, model_tensors
+from mindhier.encoder.losses import LOSS_PRESETS, LossConfig
 from mindhier.encoder.targets import (
-    LAYER_MAP_CHOICES, MissingTargetsError, check_cached_layers, layer_map, required_keys,
+    CAPTION_MODES, LAYER_MAP_CHOICES, MissingTargetsError, cached_text_variants, caption_variant,
+    check_cached_layers, layer_map, required_keys, text_variant_name,
 )
 from mindhier.errors import MindhierError
 from mindhier.train import common
@@ -73,8 +78,12 @@ class TrainSettings:
     layers: tuple[int, ...]
     final_layer: int
     precision: str
+    captions: str  # text target's caption rule, CAPTION_MODES (mindhier.encoder.targets)
+    loss: LossConfig  # loss weights (mindhier.encoder.losses)
 
 
+# What checkpoints written before a setting existed trained with (compared on --resume).
+LEGACY_TRAIN = {"captions": "fixed", "loss": {"text_mse_weight": 1.0}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,6 +107,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-map", default="default", choices=LAYER_MAP_CHOICES,
                    help="vision layers g_m (paper Table 3), scaled to the vision model's depth")
     p.add_argument("--tau", type=float, default=None, help="SoftCLIP temperature (default: the preset's, 0.005)")
+    p.add_argument("--captions", default="rotate", choices=CAPTION_MODES,
+                   help="text target: 'rotate' = caption (step in epoch) %% 3 of each image, the official "
+                        "code's prompts[train_i %% 3]; 'fixed' = always caption (image index) %% 3")
+    p.add_argument("--text-mse-weight", type=float, default=None,
+                   help="weight of the text MSE relative to the image MSE terms (default: the preset's; "
+                        "paper 257/77 = the official code's 200000 * mean-MSE, demo/tiny 1 = the paper's sum)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32"),
                    help="auto: bf16 autocast where the device runs it fast; fp32: never")
@@ -180,7 +195,17 @@ class Trainer:
         if not cache.has_text:
             raise MissingTargetsError(f"{cache.path} has no text targets; rebuild it with captions")
         self.cache, self.target_names = cache, required_keys(self.layers, self.final_layer)
+        self.text_variants = self._open_text_variants(vision, cache_dir) if a.captions == "rotate" else None
         del vision
+
+    def _open_text_variants(self, vision, cache_dir: Path):
+        """The text tokens of captions 0..2 of every training image ("rotate"; one process builds)."""
+        open_it = lambda: cached_text_variants(vision, self.args.data, self.train.image_indices, cache_dir)
+        variants = open_it() if self.d.is_main else None
+        _barrier(self.d)
+        if variants is None:
+            variants = open_it()
+        return self._maybe_in_memory(variants)
 
     def _open_cache(self, vision, cache_dir: Path):
         """A cache of every image (as train-vision or an earlier run may have left) when there is
@@ -209,11 +234,14 @@ class Trainer:
         cfg = get_preset(PRESETS, a.preset, "encoder")
         cfg = dataclasses.replace(cfg, supervision=a.supervision, tau=a.tau if a.tau is not None else cfg.tau)
         self.cfg = cfg
+        loss = get_preset(LOSS_PRESETS, a.preset, "encoder loss")
+        if a.text_mse_weight is not None:
+            loss = dataclasses.replace(loss, text_mse_weight=a.text_mse_weight)
         self.settings = TrainSettings(
             subject=a.subject, sessions=parse_sessions(a.sessions), epochs=a.epochs,
             global_batch=a.global_batch, lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup,
             seed=a.seed, layer_map=a.layer_map, layers=tuple(self.layers), final_layer=self.final_layer,
-            precision=a.precision,
+            precision=a.precision, captions=a.captions, loss=loss,
         )
         self.model = HierarchicalFMRIEncoder(cfg, self.num_voxels, self.shape).to(self.device)
         self.optimizer = common.adamw(self.model, a.lr, a.weight_decay)
@@ -263,10 +291,11 @@ class Trainer:
         where = paths_for(self.ckpt)[1]
         check_voxels(meta, self.num_voxels, self.args.subject, where)
         check_config(meta, self.cfg, where)
-        diffs = diff_configs(to_dict(self.settings), meta.get("train", {}))
+        diffs = diff_configs(to_dict(self.settings), {**LEGACY_TRAIN, **meta.get("train", {})})
         if diffs:
             raise MindhierError(f"--resume: {where} was trained with other settings:\n  " + "\n  ".join(diffs)
-                                + "\nRerun with the same flags, or start a new run in another --out.")
+                                + "\nRerun with the same flags (an older run: --captions fixed "
+                                "--text-mse-weight 1), or start a new run in another --out.")
         changed = diff_manifests(meta.get("data_manifest", {}), self.manifest)
         if changed:
             raise MindhierError(f"--resume: the data in {self.args.data} changed since {where} was written: "
@@ -289,7 +318,8 @@ class Trainer:
             n_params = sum(p.numel() for p in self.model.parameters())
             print(f"train-encoder: subject {a.subject}, {len(self.train)} trials, {self.num_voxels} voxels, "
                   f"{len(self.test)} test images | {a.preset} encoder {n_params:,} params, {a.supervision} "
-                  f"supervision, vision layers {list(self.layers)} (+final {self.final_layer}) | "
+                  f"supervision, vision layers {list(self.layers)} (+final {self.final_layer}), "
+                  f"captions {a.captions}, text MSE weight {self.settings.loss.text_mse_weight:.4g} | "
                   f"{d.world_size} process(es) x {self.micro} x {self.accum} accum = batch {a.global_batch}, "
                   f"{self.steps_per_epoch} steps/epoch", flush=True)
         stop_at = self.step + a.stop_after if a.stop_after is not None else None
@@ -324,7 +354,7 @@ class Trainer:
         for k in range(first, self.steps_per_epoch):
             lr = common.warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.args.lr)
             common.set_lr(self.optimizer, lr)
-            parts, gnorm = self._optimizer_step(batches[k * self.accum:(k + 1) * self.accum], guard)
+            parts, gnorm = self._optimizer_step(batches[k * self.accum:(k + 1) * self.accum], k, guard)
             counts = {**parts, "steps": 1} if parts else {"skipped": 1}  # a skipped step adds no loss
             for key, value in counts.items():
                 self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
@@ -343,20 +373,20 @@ class Trainer:
         return {key: value if key == "skipped" else value / steps
                 for key, value in self.epoch_sums.items() if key != "steps"}
 
-    def _optimizer_step(self, micro_batches: list[np.ndarray], guard: dict) -> tuple[dict, float]:
+    def _optimizer_step(self, micro_batches: list[np.ndarray], step_in_epoch: int, guard: dict) -> tuple[dict, float]:
         """One optimiser step over ``accum`` micro batches: (mean loss parts over ranks, grad
         norm), or ({}, nan) when the loss was not finite and the step was skipped."""
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         skip = False
         for i, rows in enumerate(micro_batches):
-            voxels, targets = self._batch(rows)
+            voxels, targets = self._batch(rows, step_in_epoch)
             last = i == len(micro_batches) - 1
             sync = self.ddp.no_sync() if self.d.enabled and not last else contextlib.nullcontext()
             with sync:
                 with self._autocast():
                     out = self.ddp(voxels)
-                loss, parts = encoder_loss(out, targets, self.layers, self.final_layer, self.cfg)
+                loss, parts = encoder_loss(out, targets, self.layers, self.final_layer, self.cfg, self.settings.loss)
                 finite = float(all_reduce_mean(torch.isfinite(loss).float(), self.d)) == 1.0
                 if not common.check_finite(loss if finite else loss.new_tensor(math.nan), self.step, 5, guard):
                     skip = True
@@ -372,14 +402,23 @@ class Trainer:
         means = all_reduce_mean(torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device), self.d).tolist()
         return dict(zip(totals, means)), gnorm
 
-    def _batch(self, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _batch(self, rows: np.ndarray, step_in_epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         voxels = torch.stack([self.train[int(i)]["voxels"] for i in rows])
         if not torch.isfinite(voxels).all():
             bad = [int(self.train.trials[int(i)]) for i, v in zip(rows, voxels) if not torch.isfinite(v).all()]
             raise DataError(f"subject {self.args.subject}: betas rows {bad[:5]} contain NaN/inf; "
                             "re-prepare the data (`mindhier prepare-nsd --force`) or mask those voxels")
-        targets = self.cache.rows_for(self.train.image_indices[rows], names=self.target_names)
+        targets = self._targets(self.train.image_indices[rows], step_in_epoch)
         return voxels.to(self.device), {k: v.to(self.device) for k, v in targets.items()}
+
+    def _targets(self, images: np.ndarray, step_in_epoch: int) -> dict[str, torch.Tensor]:
+        """Vision targets of ``images``; the text one per --captions (mindhier.encoder.targets)."""
+        if self.text_variants is None:
+            return self.cache.rows_for(images, names=self.target_names)
+        targets = self.cache.rows_for(images, names=[n for n in self.target_names if n != "text"])
+        name = text_variant_name(caption_variant(step_in_epoch))
+        targets["text"] = self.text_variants.rows_for(images, names=[name])[name]
+        return targets
 
     def _autocast(self):
         return common.autocast(self.device, enabled=self.args.precision != "fp32")
