@@ -79,6 +79,15 @@ def draw(pipeline, generator, voxels: torch.Tensor, ids: list[int], variant: str
     return torch.cat(parts)
 
 
+def read_rates(reader, images: torch.Tensor, truth: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The world reader's rate (with its 95 % interval) per attribute on ``images``."""
+    from mindhier.world import reader as R
+
+    device = next(reader.parameters()).device
+    return {k: {"rate": v["rate"], "low": v["low"], "high": v["high"]}
+            for k, v in R.rates(R.read(reader, images.to(device)), truth).items()}
+
+
 def score(rates: dict[str, dict]) -> float:
     return float(np.mean([rates[k]["rate"] for k in SCORED]))
 
@@ -113,8 +122,7 @@ def ablation_check(checkpoints: Path, world: Path, reader_path: Path, *, subject
     voxels, ids, truth = held_out_inputs(world, subject, limit)
 
     def rates_of(images):
-        return {k: {"rate": v["rate"], "low": v["low"], "high": v["high"]}
-                for k, v in R.rates(R.read(reader, images.to(pipeline.device)), truth).items()}
+        return read_rates(reader, images, truth)
 
     seeds = {}
     for seed in SEEDS:
