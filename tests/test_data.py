@@ -380,6 +380,7 @@ def test_data_info_summary_and_problems(world, capsys):
     assert "2 sessions, 30 training trials on" in text and "test: 4 images (1 images ×1, 3 images ×3)" in text
     assert f"{N_IMAGES} images, 3×{SIZE}×{SIZE}" in text and f"captions: {N_IMAGES} images × 5" in text
     assert "not a synthetic world" in text and "no problems found" in text and "fewer than 3" in text
+    assert f"largest stimuli here are {SIZE}×{SIZE} px" in text and "nsd_stimuli.hdf5" in text   # stage 2's
     layout.test_tar_path(root, SUBJECT).write_bytes(layout.test_tar_path(root, SUBJECT).read_bytes()[:700])
     assert cli_main(["data-info", str(root), "--subject", "1", "--full"]) == 1
     text = capsys.readouterr().out

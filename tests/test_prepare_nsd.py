@@ -210,3 +210,37 @@ def test_cli_prints_caption_source(prepared, tmp_path, capsys):
     rc = cli_main(["prepare-nsd", "--nsd-root", str(nsd), "--out", str(out), "--subjects", "2", "--sessions", "1",
                    "--skip-images"])
     assert rc == 2 and "already exist" in capsys.readouterr().err
+
+
+def test_full_size_stimuli_linked_for_stage_2(prepared):
+    """NSD's own imgBrick reaches --out (a link: the real file is ~40 GB) beside the 224-px file;
+    ImageStore still prefers the 224-px file, stage 2 can open the full-size one."""
+    nsd, out, truth, _ = prepared
+    link = layout.stimuli_hdf5_path(out)
+    assert link.is_symlink() and link.resolve() == prep.nsd_stimuli_path(nsd).resolve()
+    assert ImageStore(out).kind == "hdf5"
+    full = ImageStore(out, source=layout.stimuli_hdf5_path(out))
+    assert (full.kind, full.image_size) == ("imgbrick", (20, 20))
+    np.testing.assert_array_equal(full.get_uint8([3, 7]), truth["brick"][[3, 7]].transpose(0, 3, 1, 2))
+
+
+def test_full_size_stimuli_copied_or_left_out_and_never_written_through(prepared, tmp_path):
+    nsd, _, _, _ = prepared
+    source = prep.nsd_stimuli_path(nsd)
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    linked = tmp_path / "linked"
+    prep.prepare_nsd(nsd, linked, subjects=[1], sessions=1, skip_images=True, show_progress=False)
+    # --force with a copy replaces the link itself, not the NSD file it points to
+    prep.prepare_nsd(nsd, linked, subjects=[1], sessions=1, skip_images=True, force=True, show_progress=False,
+                     full_stimuli="copy")
+    copy = layout.stimuli_hdf5_path(linked)
+    assert not copy.is_symlink() and copy.read_bytes() == source.read_bytes()
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    none = tmp_path / "none"
+    prep.prepare_nsd(nsd, none, subjects=[1], sessions=1, skip_images=True, show_progress=False, full_stimuli="none")
+    assert not layout.stimuli_hdf5_path(none).exists() and not list(none.rglob("*.partial"))
+    with pytest.raises(DataError, match="nsd_stimuli.hdf5.*already exist.*--force"):
+        prep.prepare_nsd(nsd, linked, subjects=[2], sessions=1, skip_images=True, show_progress=False)
+    # --out being NSD's own stimuli folder: the source is left as it is
+    prep.place_full_stimuli(source, source, "copy")
+    assert not source.is_symlink() and hashlib.sha256(source.read_bytes()).hexdigest() == before

@@ -189,3 +189,65 @@ def test_init_from_switti_reports_every_tensor(stack, capsys):
     assert "re-initialised" in printed and "shape (512, 128) in the checkpoint" in printed
     assert "derived buffer" in printed
     assert json.loads((out / "generator.json").read_text())["init_switti"] == str(weights)
+
+
+def test_crops_resume_exactly_and_are_recorded(stack, capsys, monkeypatch):
+    """--crop resize-crop (appendix E): tokens of fresh crops at every step, recorded in the
+    checkpoint; stopping and resuming cuts the same crops as an uninterrupted run."""
+    from mindhier.data.crops import ResizeCrop
+
+    cut = []
+    original = ResizeCrop.__call__
+    monkeypatch.setattr(ResizeCrop, "__call__", lambda self, x, offsets: cut.append(offsets.copy()) or original(self, x, offsets))
+    root = stack["root"]
+    straight, split = root / "crop_straight", root / "crop_split"
+    assert cli_main(train_args(stack, straight, "--precision", "fp32", "--crop", "resize-crop", steps=4)) == 0
+    assert len(cut) == 4 and all(o.shape == (8, 2) for o in cut)          # one global batch per step, 32 → 36 → 32
+    assert not all(np.array_equal(cut[0], o) for o in cut[1:]) and 0 <= min(o.min() for o in cut) <= max(o.max() for o in cut) <= 4
+    assert not (straight / "tokens.safetensors").exists()                 # crops are tokenized on the fly
+    meta = json.loads((straight / "generator.json").read_text())
+    assert meta["train"]["crop"] == "resize-crop" and meta["stimuli"]["upsampling"] == 1.0
+    assert cli_main(train_args(stack, split, "--precision", "fp32", "--crop", "resize-crop", "--stop-after", "2", steps=4)) == 0
+    assert cli_main(train_args(stack, split, "--precision", "fp32", "--crop", "resize-crop", "--resume", steps=4)) == 0
+    a, b = load_file(str(straight / "generator.safetensors")), load_file(str(split / "generator.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(split)]
+    capsys.readouterr()
+    for extra, message in [(("--resume",), "crop: expected 'none', checkpoint has 'resize-crop'"),
+                           (("--crop", "resize-crop", "--tokens", "cached"), "--tokens cached cannot be used")]:
+        assert cli_main(train_args(stack, split if "--resume" in extra else root / "crop_cached", *extra, steps=4)) != 0
+        assert message in capsys.readouterr().err
+
+
+def test_small_stimuli_refused_unless_allowed_and_full_size_preferred(stack, tmp_path, capsys):
+    """A generator fed stimuli smaller than its images (224 px for 512 in NSD; 16 for 32 here)
+    is refused with the fix; --allow-upsampled-stimuli goes on and is recorded; an imgBrick of
+    the generator's size in the folder is then taken over the small file."""
+    import h5py
+
+    from mindhier.data import layout
+
+    world = tmp_path / "world"
+    shutil.copytree(stack["world"], world)
+    with h5py.File(layout.images_hdf5_path(world), "r+") as f:
+        full = f["images"][:].astype(np.float32)
+        del f["images"]
+        f.create_dataset("images", data=torch.nn.functional.avg_pool2d(torch.from_numpy(full), 2).numpy().astype(np.float16))
+    small = {**stack, "world": world}
+    out = tmp_path / "refused"
+    capsys.readouterr()
+    assert cli_main(train_args(small, out, steps=1)) != 0
+    err = capsys.readouterr().err
+    for part in (str(layout.images_hdf5_path(world)), "16×16 px", "32×32", "upsampling blur", "--stimuli PATH",
+                 "--allow-upsampled-stimuli", "nsd_stimuli.hdf5"):
+        assert part in err, part
+    assert not (out / "generator.json").exists()
+    assert cli_main(train_args(small, out, "--allow-upsampled-stimuli", steps=1)) == 0
+    assert "UPSAMPLED" in capsys.readouterr().out
+    record = json.loads((out / "generator.json").read_text())["stimuli"]
+    assert record["allow_upsampled_stimuli"] is True and record["upsampling"] == 2.0 and record["kind"] == "hdf5"
+    with h5py.File(layout.stimuli_hdf5_path(world), "w") as f:
+        f.create_dataset("imgBrick", data=(full.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8))
+    assert cli_main(train_args(small, tmp_path / "full", steps=1)) == 0
+    record = json.loads((tmp_path / "full" / "generator.json").read_text())["stimuli"]
+    assert (record["kind"], record["image_size"], record["upsampling"]) == ("imgbrick", [32, 32], 1.0)

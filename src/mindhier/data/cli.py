@@ -20,6 +20,7 @@ from mindhier.data import layout
 from mindhier.data.datasets import TEST_REPETITIONS, SubjectIndex
 from mindhier.data.manifest import world_summary
 from mindhier.data.readers import BetasFile, DataError, ImageStore, load_captions
+from mindhier.data.stimuli import NSD_STIMULUS_SIZE, open_largest
 from mindhier.data.values import sample_rows, scale_problem, scan_values
 
 
@@ -35,6 +36,7 @@ def summarize(root: str | Path, subjects=None, full: bool = False) -> dict:
     if store is not None:
         info["images"] = {"file": str(store.path.relative_to(root)), "count": store.num_images, "size": store.image_size}
         _guard(info, lambda: store.get([0, store.num_images - 1]))  # value range check on two images
+        _stimuli_note(root, store, info)
     info["captions"] = _guard(info, lambda: load_captions(root).shape)
     subjects = layout.subjects_in(root) if subjects is None else [int(s) for s in subjects]
     if not subjects:
@@ -42,6 +44,22 @@ def summarize(root: str | Path, subjects=None, full: bool = False) -> dict:
     for s in subjects:
         info["subjects"][s] = _subject_summary(root, s, store, full, info)
     return info
+
+
+def _stimuli_note(root: Path, store: ImageStore, info: dict) -> None:
+    """Stage 2 reads the largest stimuli (mindhier.data.stimuli): say which, or that real data lacks them."""
+    largest = _guard(info, lambda: open_largest(root))
+    if largest is None:
+        return
+    h, w = largest.image_size
+    synthetic = info.get("world") or layout.corpus_info_path(root).is_file()
+    if largest.path != store.path:
+        info["notes"].append(f"train-generator trains on the largest stimuli, {largest.path.name} ({h}×{w} px)")
+    elif not synthetic and min(h, w) < NSD_STIMULUS_SIZE:
+        info["notes"].append(f"the largest stimuli here are {h}×{w} px: a larger generator (512 px in the paper) "
+                             "needs NSD's nsd_stimuli.hdf5 in this folder (`mindhier prepare-nsd` links it)")
+    if largest is not store:
+        largest.close()
 
 
 def _guard(info: dict, fn):

@@ -12,6 +12,10 @@ Writes under --out:
   wds/subjXX/train/{session-1}.tar      non-shared1000 trials of each session
   wds/subjXX/new_test/0.tar             all shared1000 trials (3 per image in full NSD)
   coco_images_224_float16.hdf5          (73000, 3, 224, 224) float16 in [0, 1], bicubic resize
+                                        (what stage 1 needs: the vision model works at 224 px)
+  nsd_stimuli.hdf5                      NSD's own 425-px imgBrick, linked (default) or copied: stage 2
+                                        trains the generator on it (512-px crops in the paper, appendix
+                                        E), not on the 224-px file upsampled (mindhier.data.stimuli)
 Works one session at a time (one volume file ≈ 1 GB in memory). Outputs are written to
 *.partial files and renamed when complete; nothing existing is replaced without --force.
 Captions are not part of NSD: MindEye2 curated them from the COCO annotations
@@ -38,6 +42,7 @@ DEFAULT_VERSION = "betas_fithrf_GLMdenoise_RR"
 BETAS_SCALE = 300.0  # NSD volume betas are int16 = percent signal change × 300
 SHARED_IMAGES = 1000  # masterordering ≤ 1000 points at one of the shared1000 images
 IMAGE_SIZE = 224
+FULL_STIMULI = ("link", "copy", "none")  # how nsd_stimuli.hdf5 reaches --out (it is ~40 GB)
 CAPTIONS_NOTE = (
     "captions: NSD has none. MindEye2 curated them from the COCO annotations as "
     f"{layout.captions_path('.').name} (73000 × 5 strings, part of MindEye2's preprocessed NSD); "
@@ -236,14 +241,19 @@ def _write_subject(nsd_root: Path, staging: Path, betas_partial: Path, subject: 
 # ----------------------------------------------------------------------------- images
 
 
+def _brick(src: h5py.File, stimuli: Path) -> h5py.Dataset:
+    if "imgBrick" not in src:
+        raise DataError(f"{stimuli}: no dataset 'imgBrick' (found {sorted(src.keys())}); this is not nsd_stimuli.hdf5.")
+    brick = src["imgBrick"]
+    if brick.ndim != 4 or brick.shape[-1] != 3 or brick.dtype != np.uint8:
+        raise DataError(f"{stimuli}: imgBrick is {brick.shape} {brick.dtype}; expected (N, H, W, 3) uint8.")
+    return brick
+
+
 def prepare_images(stimuli: Path, out_path: Path, chunk: int = 64, show_progress: bool = True) -> int:
     """imgBrick (N, 425, 425, 3) uint8 → (N, 3, 224, 224) float16 in [0, 1] (PIL bicubic)."""
     with h5py.File(_require(stimuli, "NSD stimuli"), "r") as src:
-        if "imgBrick" not in src:
-            raise DataError(f"{stimuli}: no dataset 'imgBrick' (found {sorted(src.keys())}); this is not nsd_stimuli.hdf5.")
-        brick = src["imgBrick"]
-        if brick.ndim != 4 or brick.shape[-1] != 3 or brick.dtype != np.uint8:
-            raise DataError(f"{stimuli}: imgBrick is {brick.shape} {brick.dtype}; expected (N, H, W, 3) uint8.")
+        brick = _brick(src, stimuli)
         n = brick.shape[0]
         try:
             _resize_brick(brick, _partial(out_path), chunk, show_progress)
@@ -268,19 +278,41 @@ def _resize_brick(brick: h5py.Dataset, dest: Path, chunk: int, show_progress: bo
             ds[start:start + len(block)] = (resized.transpose(0, 3, 1, 2) / 255.0).astype(np.float16)
 
 
+def place_full_stimuli(stimuli: Path, out_path: Path, how: str) -> None:
+    """NSD's own full-size stimuli under --out for stage 2: a symbolic link (default: the file is
+    ~40 GB) or a copy. The link or copy is made beside and renamed into place when complete."""
+    if how not in FULL_STIMULI:
+        raise DataError(f"--full-stimuli {how!r}: choose one of {FULL_STIMULI}.")
+    with h5py.File(_require(stimuli, "NSD stimuli"), "r") as src:
+        _brick(src, stimuli)
+    source_itself = out_path.exists() and not out_path.is_symlink() and out_path.resolve() == stimuli.resolve()
+    if how == "none" or source_itself:  # --out is NSD's own stimuli folder: never replace the source
+        return
+    partial = _partial(out_path)
+    partial.unlink(missing_ok=True)
+    try:
+        os.symlink(stimuli.resolve(), partial) if how == "link" else shutil.copyfile(stimuli, partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out_path)  # replaces a link itself, never the file it points to
+
+
 # ----------------------------------------------------------------------------- whole run
 
 
-def planned_outputs(out: Path, subjects, skip_images: bool) -> list[Path]:
+def planned_outputs(out: Path, subjects, skip_images: bool, full_stimuli: str = "link") -> list[Path]:
     paths = [p for s in subjects for p in (layout.betas_path(out, s), layout.wds_dir(out, s))]
-    return paths + ([] if skip_images else [layout.images_hdf5_path(out)])
+    paths += [] if skip_images else [layout.images_hdf5_path(out)]
+    return paths + ([] if full_stimuli == "none" else [layout.stimuli_hdf5_path(out)])
 
 
-def check_inputs(nsd_root: Path, subjects, sessions: dict[int, int], version: str, skip_images: bool) -> None:
+def check_inputs(nsd_root: Path, subjects, sessions: dict[int, int], version: str, skip_images: bool,
+                 full_stimuli: str = "link") -> None:
     """Fail before writing anything when an input is missing."""
     _require(nsd_expdesign_path(nsd_root), "NSD experimental design")
-    if not skip_images:
-        _require(nsd_stimuli_path(nsd_root), "NSD stimuli (or pass --skip-images)")
+    if not skip_images or full_stimuli != "none":
+        _require(nsd_stimuli_path(nsd_root), "NSD stimuli (or pass --skip-images --full-stimuli none)")
     for s in subjects:
         _require(nsd_mask_path(nsd_root, s), "nsdgeneral mask")
         for session in range(1, sessions[s] + 1):
@@ -292,9 +324,11 @@ def check_inputs(nsd_root: Path, subjects, sessions: dict[int, int], version: st
 
 def prepare_nsd(nsd_root, out, subjects=layout.PAPER_SUBJECTS, betas_version: str = DEFAULT_VERSION,
                 sessions: int | None = None, force: bool = False, skip_images: bool = False,
-                trials_per_session: int = layout.TRIALS_PER_SESSION, show_progress: bool = True) -> list[dict]:
+                trials_per_session: int = layout.TRIALS_PER_SESSION, show_progress: bool = True,
+                full_stimuli: str = "link") -> list[dict]:
     """Raw NSD → MindEye2 layout. ``sessions``: the first N sessions of every subject (default:
-    all it completed). Returns one summary dict per subject."""
+    all it completed). ``full_stimuli``: link (default), copy or leave out NSD's 425-px
+    nsd_stimuli.hdf5 for stage 2. Returns one summary dict per subject."""
     nsd_root, out = Path(nsd_root), Path(out)
     subjects = [int(s) for s in subjects]
     unknown = [s for s in subjects if s not in layout.NSD_SESSIONS]
@@ -305,17 +339,20 @@ def prepare_nsd(nsd_root, out, subjects=layout.PAPER_SUBJECTS, betas_version: st
     if too_many:
         s = too_many[0]
         raise DataError(f"--sessions {per_subject[s]}: subject {s} completed only {layout.NSD_SESSIONS[s]} sessions.")
-    existing = [p for p in planned_outputs(out, subjects, skip_images) if p.exists()]
+    existing = [p for p in planned_outputs(out, subjects, skip_images, full_stimuli) if p.exists() or p.is_symlink()]
     if existing and not force:
         raise DataError(f"{existing[0]} (and {len(existing) - 1} more outputs) already exist; nothing was changed — "
                         "pass --force to replace them, or choose another --out.")
-    check_inputs(nsd_root, subjects, per_subject, betas_version, skip_images)
+    if full_stimuli not in FULL_STIMULI:
+        raise DataError(f"--full-stimuli {full_stimuli!r}: choose one of {FULL_STIMULI}.")
+    check_inputs(nsd_root, subjects, per_subject, betas_version, skip_images, full_stimuli)
     design = load_design(nsd_expdesign_path(nsd_root))
     out.mkdir(parents=True, exist_ok=True)
     summaries = [prepare_subject(nsd_root, out, s, design, per_subject[s], betas_version, trials_per_session, show_progress)
                  for s in subjects]
     if not skip_images:
         prepare_images(nsd_stimuli_path(nsd_root), layout.images_hdf5_path(out), show_progress=show_progress)
+    place_full_stimuli(nsd_stimuli_path(nsd_root), layout.stimuli_hdf5_path(out), full_stimuli)
     return summaries
 
 
@@ -332,12 +369,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sessions", type=int, default=None,
                         help="prepare the first N sessions of each subject (default: all completed: 40 for s1/2/5/7)")
     parser.add_argument("--skip-images", action="store_true", help="do not convert nsd_stimuli.hdf5 (already done, or not needed)")
+    parser.add_argument("--full-stimuli", default="link", choices=FULL_STIMULI,
+                        help="put NSD's 425-px nsd_stimuli.hdf5 into --out for stage 2 (the generator trains on "
+                             "it, not on the 224-px file): a symbolic link (default), a copy (~40 GB), or none")
     parser.add_argument("--force", action="store_true", help="replace existing outputs (default: refuse and change nothing)")
 
 
 def run(args) -> int:
     summaries = prepare_nsd(args.nsd_root, args.out, args.subjects, args.betas_version, args.sessions,
-                            args.force, args.skip_images)
+                            args.force, args.skip_images, full_stimuli=args.full_stimuli)
     for s in summaries:
         note = ""
         if s["voxels"] != layout.NSD_VOXELS[s["subject"]]:
@@ -345,6 +385,8 @@ def run(args) -> int:
         print(f"subj{s['subject']:02d}: {s['voxels']} voxels{note}, {s['sessions']} sessions, "
               f"{s['train_trials']} train / {s['test_trials']} test trials"
               + (f", {s['constant_voxels']} constant voxels set to 0" if s["constant_voxels"] else ""))
+    if args.full_stimuli != "none":
+        print(f"stimuli for stage 2: {layout.stimuli_hdf5_path(args.out)} ({args.full_stimuli} of NSD's 425-px file)")
     print(CAPTIONS_NOTE)
     print(f"done: {args.out} — check it with `mindhier data-info {args.out}`")
     return 0

@@ -293,29 +293,66 @@ class BetasFile(_PerProcessFile):
 RANGE_TOLERANCE = 1e-3  # float16 rounding of 1.0 and resampling overshoot stay inside this
 
 
+def image_sources(root: str | Path) -> list[tuple[str, Path]]:
+    """(kind, path) of every stimulus source in a data folder, in ImageStore's order of
+    preference: the 224-px file, NSD's own full-size ``nsd_stimuli.hdf5``, the PNG folder."""
+    found = [(kind, path) for kind, path in (("hdf5", layout.images_hdf5_path(root)),
+                                             ("imgbrick", layout.stimuli_hdf5_path(root))) if path.is_file()]
+    folder = layout.images_dir(root)
+    if folder.is_dir() and any(folder.glob("image_*.png")):
+        found.append(("png", folder))
+    return found
+
+
+def image_source_at(path: str | Path) -> tuple[str, Path]:
+    """(kind, path) of a stimulus source named directly: an HDF5 file holding "images"
+    (N, 3, H, W) or NSD's "imgBrick" (N, H, W, 3), or a folder of image_XXXXXX.png."""
+    path = Path(path)
+    if path.is_dir():
+        if not any(path.glob("image_*.png")):
+            raise DataError(f"{path}: folder holds no image_XXXXXX.png files; name the PNGs by their "
+                            "COCO-73k index (image_000123.png) or pass an HDF5 stimulus file.")
+        return "png", path
+    if not path.is_file():
+        raise DataError(f"{path}: stimulus file or folder not found; pass NSD's nsd_stimuli.hdf5, "
+                        "a coco_images HDF5 file or a folder of image_XXXXXX.png.")
+    try:
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
+    except HDF5_DAMAGE as err:
+        raise _damaged(path, err) from None
+    for key, kind in ((layout.IMAGES_DATASET, "hdf5"), (layout.NSD_STIMULI_DATASET, "imgbrick")):
+        if key in keys:
+            return kind, path
+    raise DataError(f"{path}: no dataset 'images' or 'imgBrick' (found: {keys or 'nothing'}); "
+                    "pass NSD's nsd_stimuli.hdf5 or a coco_images HDF5 file.")
+
+
 class ImageStore(_PerProcessFile):
     """Stimulus images as float32 (n, 3, H, W) in [0, 1], from ``coco_images_224_float16.hdf5``
     (dataset "images", preferred), NSD's own ``nsd_stimuli.hdf5`` (dataset "imgBrick",
     (N, H, W, 3) uint8 — also the pretraining corpus's file) or the folder
-    ``images/image_XXXXXX.png``."""
+    ``images/image_XXXXXX.png``. ``source``: one of those, named by a (kind, path) from
+    :func:`image_sources` or by its path (:func:`image_source_at`), instead of the preferred one."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, source: tuple[str, Path] | str | Path | None = None):
         self.root = Path(root)
         self._file, self._pid = None, None
-        h5, brick = layout.images_hdf5_path(root), layout.stimuli_hdf5_path(root)
-        folder = layout.images_dir(root)
-        if h5.is_file() or brick.is_file():
-            self.path, self.kind = (h5, "hdf5") if h5.is_file() else (brick, "imgbrick")
-            try:
-                self._init_hdf5() if self.kind == "hdf5" else self._init_imgbrick()
-            except DataError:
-                self.close()  # a failed open must not keep the file locked
-                raise
-        elif folder.is_dir() and any(folder.glob("image_*.png")):
-            self.path, self.kind = folder, "png"
+        if source is None:
+            found = image_sources(root)
+            if not found:
+                raise DataError(f"{layout.images_hdf5_path(root)}: image file not found (nor PNGs in "
+                                f"{layout.images_dir(root)}/); {GET_DATA_HINT}.")
+            source = found[0]
+        self.kind, self.path = source if isinstance(source, tuple) else image_source_at(source)
+        if self.kind == "png":
             self._init_png()
-        else:
-            raise DataError(f"{h5}: image file not found (nor PNGs in {folder}/); {GET_DATA_HINT}.")
+            return
+        try:
+            self._init_hdf5() if self.kind == "hdf5" else self._init_imgbrick()
+        except DataError:
+            self.close()  # a failed open must not keep the file locked
+            raise
 
     def _init_hdf5(self) -> None:
         ds = self._ds()
@@ -384,7 +421,8 @@ class ImageStore(_PerProcessFile):
         for i, j in enumerate(idx):
             p = self._png.get(int(j))
             if p is None:
-                raise DataError(f"{layout.image_png_path(self.root, int(j))}: image {int(j)} not found; add the PNG or use the HDF5 image file.")
+                raise DataError(f"{self.path / f'image_{int(j):06d}.png'}: image {int(j)} not found; add the PNG or "
+                                "use the HDF5 image file.")
             with Image.open(p) as im:
                 arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
             if arr.shape[:2] != self.image_size:

@@ -14,12 +14,15 @@ clipping at 1.0, bf16 autocast where supported.
 Several processes: FSDP2 (``fully_shard`` per block, then the root; frozen encoder and tokenizer
 replicated) — it runs on CPU/gloo as well as CUDA/NCCL; ``--parallel ddp`` uses DDP instead. The
 global batch of every step is drawn from (seed, step) and split over ranks, so 1 and N processes
-train on the same samples. ``--init-switti FILE`` starts the body from a released Switti
+train on the same samples. The stimuli are the largest the data holds (NSD's own 425-px
+nsd_stimuli.hdf5 before MindEye2's 224-px file; ``--stimuli``), refused when too small for the
+tokenizer (mindhier.data.stimuli); ``--crop resize-crop`` is the paper's random-crop augmentation
+(mindhier.data.crops). ``--init-switti FILE`` starts the body from a released Switti
 checkpoint (the paper's stage 2 is "pretrained by Switti") and prints what was loaded and what
 was re-initialised.
 
 OUT/generator.{safetensors,json}   model + optimizer (``--resume`` continues exactly)
-OUT/tokens.safetensors             the training images' token pyramids (computed once)
+OUT/tokens.safetensors             the training images' token pyramids (computed once; not with crops)
 OUT/samples/step_NNNNNNN.png       test stimuli (top) and reconstructions (bottom), periodically
 OUT/log.jsonl                      loss, token accuracy, lr, gradient norm (one line per step)
 OUT/curves.png                     those curves, redrawn at every checkpoint
@@ -42,7 +45,8 @@ import torch.nn.functional as F
 
 from mindhier.checkpoint import check_config, load_checkpoint, load_state_strict, paths_for, save_checkpoint
 from mindhier.config import diff_configs, get_preset, to_dict
-from mindhier.data import ImageStore, SubjectIndex, TestSet, TrainTrials, data_manifest, diff_manifests
+from mindhier.data import SubjectIndex, TestSet, TrainTrials, data_manifest, diff_manifests, stimuli
+from mindhier.data.crops import CROP_MODES, ResizeCrop, token_mode
 from mindhier.encoder import load_encoder
 from mindhier.errors import MindhierError
 from mindhier.generator import PRESETS, ROUTINGS, ScaleAwareGenerator, load_switti_weights
@@ -70,8 +74,10 @@ class TrainSettings:
     grad_clip: float
     seed: int
     precision: str
+    crop: str = "none"
 
 
+LEGACY_TRAIN = {"crop": "none"}  # what checkpoints written before a setting existed trained with
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,8 +99,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of zeroing a sample's voxels (CFG)")
-    p.add_argument("--tokens", default="cached", choices=("cached", "on-the-fly"),
-                   help="tokenize the training images once (OUT/tokens.safetensors) or every step")
+    p.add_argument("--tokens", default=None, choices=("cached", "on-the-fly"),
+                   help="tokenize the training images once (OUT/tokens.safetensors; the default without crops) "
+                        "or every step (the default, and the only way, with --crop resize-crop)")
+    p.add_argument("--crop", default="none", choices=CROP_MODES,
+                   help="augmentation (paper appendix E): resize-crop = Resize(size*576/512, Lanczos) then a random "
+                        "size x size crop from (seed, step, sample), as the official code; none = whole images")
+    stimuli.add_arguments(p)
     p.add_argument("--init-switti", default=None, help="start from released Switti weights (.safetensors)")
     p.add_argument("--init", default=None,
                    help="start from a mindhier generator checkpoint, e.g. the foundation generator that "
@@ -214,12 +225,14 @@ class Trainer:
         index = SubjectIndex(a.data, a.subject)
         self.train = TrainTrials(a.data, a.subject, index=index)
         self.test = TestSet(a.data, a.subject, policy="average", index=index, expected_voxels=self.train.num_voxels)
-        self.images = ImageStore(a.data)
+        self.images = stimuli.open_largest(a.data, a.stimuli)  # full-size stimuli when the data holds them
+        stimuli.check_covers(self.images, np.concatenate([self.train.image_indices, self.test.image_indices]))
         self.encoder, self.enc_meta = load_encoder(a.encoder, num_voxels=self.train.num_voxels, subject=a.subject,
                                                    device=self.device)
         self.encoder.requires_grad_(False)
         self.tokenizer = load_tokenizer(a.tokenizer, device=self.device).requires_grad_(False)
         self.tok_meta = load_checkpoint(a.tokenizer, kind="tokenizer")[1]
+        self.stimuli = stimuli.check_resolution(self.images, self.tokenizer.image_size, a.allow_upsampled_stimuli)
         self.manifest = data_manifest(a.data, [a.subject])
         if len(self.train) < a.global_batch:
             raise MindhierError(f"subject {a.subject} has {len(self.train)} training trials, fewer than "
@@ -243,7 +256,9 @@ class Trainer:
         self.cfg = self._generator_config()
         self.settings = TrainSettings(subject=a.subject, steps=a.steps, global_batch=a.global_batch, lr=a.lr,
                                       weight_decay=a.weight_decay, warmup=a.warmup, grad_clip=a.grad_clip,
-                                      seed=a.seed, precision=a.precision)
+                                      seed=a.seed, precision=a.precision, crop=getattr(a, "crop", "none"))
+        self.cropper = (ResizeCrop(self.tokenizer.image_size, tuple(self.images.image_size), a.seed)
+                        if self.settings.crop == "resize-crop" else None)
         torch.manual_seed(a.seed)
         self.model = ScaleAwareGenerator(self.cfg)
         if a.init_switti and not a.resume:
@@ -265,14 +280,14 @@ class Trainer:
         if resume is not None:
             restore_optimizer(self.model, self.optimizer, *resume)
         self.micro, self.accum = split_global_batch(a.global_batch, d.world_size, a.max_micro_batch)
-        self.tokens = self._token_table() if a.tokens == "cached" else None
+        self.tokens = self._token_table() if token_mode(a.tokens, self.settings.crop) == "cached" else None
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _meta(self) -> dict:
         return {"subject": self.args.subject, "num_voxels": self.train.num_voxels,
                 "encoder": checkpoint_identity(self.enc_meta), "tokenizer": checkpoint_identity(self.tok_meta),
                 "encoder_path": str(self.args.encoder), "tokenizer_path": str(self.args.tokenizer),
-                "train": to_dict(self.settings), "data_manifest": self.manifest,
+                "train": to_dict(self.settings), "data_manifest": self.manifest, "stimuli": self.stimuli,
                 "init_switti": self.args.init_switti, "init": getattr(self.args, "init", None),
                 "progress": {"step": self.step, "world_size": self.d.world_size, "parallel": self.args.parallel}}
 
@@ -290,8 +305,10 @@ class Trainer:
         tensors, meta = load_checkpoint(self.ckpt, kind=GENERATOR_KIND)
         where = paths_for(self.ckpt)[1]
         check_config(meta, self.cfg, where)
-        diffs = diff_configs(to_dict(self.settings), meta.get("train", {}))
+        diffs = diff_configs(to_dict(self.settings), {**LEGACY_TRAIN, **meta.get("train", {})})
         diffs += self._frozen_diffs(meta)
+        if getattr(self, "stimuli", None) is not None:
+            diffs += stimuli.diff_stimuli(meta.get("stimuli"), self.stimuli)
         diffs += diff_manifests(meta.get("data_manifest", {}), self.manifest)
         if diffs:
             raise MindhierError(f"--resume: {where} was trained differently:\n  " + "\n  ".join(diffs)
@@ -309,20 +326,23 @@ class Trainer:
                 if meta.get(role) != checkpoint_identity(own)]
 
     # ---- data -----------------------------------------------------------------------------
-    def _load_images(self, image_indices: np.ndarray) -> torch.Tensor:
-        """Stimuli in the tokenizer's [-1, 1] input range at its resolution."""
+    def _load_images(self, image_indices: np.ndarray, crops: np.ndarray | None = None) -> torch.Tensor:
+        """Stimuli in the tokenizer's [-1, 1] input range at its resolution: whole images resized,
+        or with ``crops`` (top-left corners) the resize-crop windows."""
         order = np.argsort(image_indices)
         x = torch.empty((len(image_indices), 3) + tuple(self.images.image_size))
         x[torch.from_numpy(order)] = torch.from_numpy(self.images.get(image_indices[order]))
         size = self.tokenizer.image_size
-        if tuple(x.shape[-2:]) != (size, size):
+        if crops is not None:
+            x = self.cropper(x, crops)
+        elif tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
         return self.tokenizer.images01_to_input(x.to(self.device))
 
     @torch.no_grad()
-    def _tokenize(self, image_indices: np.ndarray) -> torch.Tensor:
-        """(n, L) token pyramids of images, scales concatenated coarse to fine."""
-        return torch.cat(self.tokenizer.img_to_indices(self._load_images(image_indices)), dim=1)
+    def _tokenize(self, image_indices: np.ndarray, crops: np.ndarray | None = None) -> torch.Tensor:
+        """(n, L) token pyramids of images (or of their crops), scales concatenated coarse to fine."""
+        return torch.cat(self.tokenizer.img_to_indices(self._load_images(image_indices, crops)), dim=1)
 
     def _token_table(self) -> dict:
         """Tokens of every training image, computed once by rank 0 into OUT/tokens.safetensors."""
@@ -369,17 +389,20 @@ class Trainer:
         lo = self.d.rank * per_rank
         for m in range(self.accum):
             sl = slice(lo + m * self.micro, lo + (m + 1) * self.micro)
-            yield self._inputs(rows[sl], keep[sl])
+            if self.cropper is None:
+                yield self._inputs(rows[sl], keep[sl])
+            else:  # crops from (seed, step, slot in the global batch): the same for any process count
+                yield self._inputs(rows[sl], keep[sl], crops=self.cropper.offsets(step, range(sl.start, sl.stop)))
 
     @torch.no_grad()
-    def _inputs(self, rows: np.ndarray, keep: torch.Tensor):
+    def _inputs(self, rows: np.ndarray, keep: torch.Tensor, crops: np.ndarray | None = None):
         voxels = torch.stack([self.train[int(r)]["voxels"] for r in rows]).to(self.device)
         voxels = voxels * keep.to(self.device, voxels.dtype)[:, None]       # CFG: zero voxels before the encoder
         images = self.train.image_indices[rows]
-        if self.tokens is not None:
+        if self.tokens is not None and crops is None:
             targets = self.tokens["tokens"][[self.tokens["rows"][int(i)] for i in images]].long().to(self.device)
         else:
-            targets = self._tokenize(images)
+            targets = self._tokenize(images, crops)
         indices = list(targets.split([pn * pn for pn in self.cfg.scales], dim=1))
         tf_input = self.tokenizer.teacher_forcing_input(indices)
         with self._autocast():
@@ -422,7 +445,8 @@ class Trainer:
         bar.close()
 
     def _describe_data(self) -> str:
-        return f"train-generator: subject {self.args.subject}, {len(self.train)} trials"
+        return (f"train-generator: subject {self.args.subject}, {len(self.train)} trials, "
+                f"{stimuli.describe(self.stimuli)}, crop {self.settings.crop}")
 
     def _optimizer_step(self, guard: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
@@ -486,6 +510,3 @@ def _metadata(path: Path) -> dict:
 
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
-
-
-
