@@ -70,3 +70,38 @@ def test_regression_subset_reconstructs_to_the_model_card_metrics(released, tmp_
     else:
         for key in REGRESSION_METRICS:
             assert abs(again[key] - recorded[key]) <= REGRESSION_TOLERANCE, (key, again[key], recorded[key])
+
+
+def test_the_method_stays_separated_from_its_ablations(released):
+    """``mindhier ablation-check`` recorded, at release, the method's reader score over three
+    seeds and that of four sampling-time ablations. Recomputed here (seed 0): on the recording
+    platform the very images (by hash); anywhere, a score on the method's side of the midpoint
+    between the method and every ablation it was separated from by more than seed noise, so a
+    break that makes the pipeline behave like an ablation fails."""
+    import torch
+
+    from mindhier.ablation_check import draw, held_out_inputs, images_sha256, read_rates, score
+    from mindhier.demo import DEFAULT_READER
+    from mindhier.pipeline import Pipeline
+    from mindhier.runtime import platform_fingerprint
+    from mindhier.world.reader import load_reader
+
+    record_path = RELEASED / "ablation_check.json"
+    assert record_path.is_file(), "the release has no ablation_check.json: run `mindhier ablation-check`"
+    recorded = json.loads(record_path.read_text())
+    world, ck = released
+    pipeline = Pipeline.from_checkpoints(ck["encoder"], ck["tokenizer"], ck["generator"], subject=1)
+    voxels, ids, truth = held_out_inputs(world, 1, recorded["images"])
+    images = draw(pipeline, pipeline.generator, voxels, ids, "method", recorded["cfg"], seed=0)
+    reader, _ = load_reader(Path(__file__).resolve().parents[1] / DEFAULT_READER)
+    with torch.no_grad():
+        again = score(read_rates(reader, images, truth))
+    seed0 = recorded["method"]["by_seed"]["0"]
+    if platform_fingerprint() == recorded["platform"]:
+        assert images_sha256(images) == seed0["images_sha256"]
+        assert again == score(seed0["rates"])
+    separated = {k: a for k, a in recorded["ablations"].items() if a["separated"]}
+    assert separated, "the release is separated from none of its ablations by more than seed noise"
+    for name, a in separated.items():
+        midpoint = (recorded["method"]["score"] + a["score"]) / 2
+        assert again > midpoint, (name, again, midpoint)
