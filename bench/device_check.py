@@ -182,7 +182,7 @@ def stage1(check: Check) -> dict:
         lr = common.warmup_cosine(trainer.step, trainer.total_steps, trainer.warmup_steps, args.lr)
         common.set_lr(trainer.optimizer, lr)
         k = trainer.step % (len(batches) // trainer.accum)
-        parts, _ = trainer._optimizer_step(batches[k * trainer.accum:(k + 1) * trainer.accum], guard)
+        parts, _ = trainer._optimizer_step(batches[k * trainer.accum:(k + 1) * trainer.accum], k, guard)
         trainer.step += 1
         return parts.get("loss", math.nan)
 

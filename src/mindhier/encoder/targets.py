@@ -22,7 +22,6 @@ import numpy as np
 from mindhier.data import caption_for, load_captions
 from mindhier.errors import MindhierError
 from mindhier.vision import LAYER_MAPS, scaled_layer_map
-from mindhier.vision.targets import TargetCache
 
 LAYER_MAP_CHOICES = ("default", *LAYER_MAPS)
 
@@ -108,6 +107,8 @@ def text_variants_path(vision, image_indices: np.ndarray, cache_dir) -> Path:
 def cached_text_variants(vision, data_root, image_indices, cache_dir, batch_size: int = 64):
     """A target cache (mindhier.vision.targets.TargetCache) whose datasets ``text_0..text_2``
     hold the text tokens of captions 0..2 of ``image_indices``; built when absent."""
+    from mindhier.vision.targets import TargetCache  # here: it needs tqdm, which the encoder package must not
+
     images = np.unique(np.asarray(image_indices, dtype=np.int64))
     path = text_variants_path(vision, images, cache_dir)
     key = text_variants_key(vision, images)
