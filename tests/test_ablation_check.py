@@ -78,3 +78,7 @@ def test_command_records_scores_spread_and_verdicts(released, tmp_path, capsys):
     for a in result["ablations"].values():
         assert a["score"] == score(a["rates"]) and a["separation"] == m["score"] - a["score"]
         assert a["separated"] == (a["separation"] > m["seed_spread"])
+    before = out.read_text()
+    assert main(["ablation-check", "--checkpoints", str(folder), "--world", str(world), "--reader", str(reader),
+                 "--limit", "6", "--device", "cpu", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_text() == before  # the record is kept

@@ -161,14 +161,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=3.0, help="the method's guidance (the demo's)")
     p.add_argument("--limit", type=int, default=DEFAULT_IMAGES, help="the first N test images")
     p.add_argument("--out", default=None, help="output JSON (default: CHECKPOINTS/ablation_check.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT (the release's record)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
 
 
 def run(args: argparse.Namespace) -> int:
+    from mindhier.errors import MindhierError
+
     checkpoints = Path(args.checkpoints)
+    out = Path(args.out) if args.out else checkpoints / "ablation_check.json"
+    if out.exists() and not args.force:
+        raise MindhierError(f"{out} exists (a recorded check the release test compares with); pass --force "
+                            "to replace it, or --out elsewhere")
     result = ablation_check(checkpoints, Path(args.world), Path(args.reader), subject=args.subject, cfg=args.cfg,
                             limit=args.limit, device=args.device)
-    out = Path(args.out) if args.out else checkpoints / "ablation_check.json"
     out.write_text(json.dumps(result, indent=2, sort_keys=True))
     print(summary(result))
     print(f"wrote {out}")
