@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-tokenizer": ("mindhier.tokenizer.cli", "turn released VAR/Switti VQ-VAE weights into a mindhier checkpoint"),
     "train-generator": ("mindhier.train.generator", "stage 2: train the scale-aware generator"),
     "pretrain-generator": ("mindhier.train.pretrain_generator", "pretrain the generator on the corpus, conditioned on each image's vision features"),
+    "train-lowlevel": ("mindhier.train.lowlevel", "MindHier†: train the low-level decoder (blurry images blended into reconstructions)"),
     "reconstruct": ("mindhier.reconstruct", "reconstruct test images from fMRI"),
     "evaluate": ("mindhier.evaluate", "score reconstructions against their stimuli (MindEye2 metrics)"),
     "report": ("mindhier.run_report", "HTML report of reconstructions and their scores (reconstruct + evaluate outputs)"),
