@@ -120,7 +120,7 @@ def add_stale_line(out: Path, step: int) -> None:
 
 def encoder_args(stack, out, *extra):
     return ["train-encoder", "--data", str(stack["world"]), "--vision", str(stack["vision"]), "--out", str(out),
-            "--preset", "tiny", "--sessions", "0", "--global-batch", "64", "--epochs", "2", "--precision", "fp32",
+            "--preset", "tiny", "--sessions", "1", "--global-batch", "64", "--epochs", "2", "--precision", "fp32",
             "--target-cache", str(stack["root"] / "targets"), *extra]
 
 

@@ -21,6 +21,7 @@ from mindhier.encoder import (
     VoxelCountError,
     aligned_mse,
     count_parameters,
+    encode_repetitions,
     encoder_loss,
     layer_map,
     load_encoder,
@@ -29,7 +30,9 @@ from mindhier.encoder import (
     top1_retrieval,
     two_way_identification,
 )
+from mindhier.encoder.io import start_from
 from mindhier.encoder.losses import LOSS_PRESETS, LossConfig
+from mindhier.errors import MindhierError
 from mindhier.encoder.targets import check_batch_targets, check_cached_layers
 
 SMALL = VisionShape(num_tokens=5, feature_dim=16, text_tokens=3, text_dim=12)
@@ -78,6 +81,21 @@ def test_single_supervision_exposes_only_the_terminal_feature():
     out = model(torch.randn(2, 40))
     assert len(out.levels) == single.num_levels
     assert all(e is out.levels[-1] for e in out.levels)
+
+
+def test_outputs_averaging_averages_every_output_of_each_repetition():
+    """(B, R, V) voxels: the encoder on each repetition, each output averaged (MindEye2); (B, V):
+    one pass (voxels averaged before, MindHier). The two differ: the encoder is not linear."""
+    model = make().eval()
+    reps = torch.randn(2, 3, 40)
+    out = encode_repetitions(model, reps)
+    for b in range(2):
+        each = [model(reps[b, r][None]) for r in range(3)]
+        for m in range(len(out.levels)):
+            torch.testing.assert_close(out.levels[m][b], torch.stack([e.levels[m][0] for e in each]).mean(0))
+        torch.testing.assert_close(out.image_final[b], torch.stack([e.image_final[0] for e in each]).mean(0))
+        torch.testing.assert_close(out.text[b], torch.stack([e.text[0] for e in each]).mean(0))
+    assert not torch.allclose(encode_repetitions(model, reps.mean(1)).image_final, out.image_final, atol=1e-4)
 
 
 def test_wrong_voxel_count_is_a_clear_error():
@@ -323,3 +341,29 @@ def test_load_encoder_refuses_damaged_or_foreign_checkpoints(tmp_path):
     save_checkpoint(tmp_path / "enc2", dict(model.state_dict()), kind="encoder", config=bad_cfg, extra=meta)
     with pytest.raises(ConfigError, match="unknown config keys"):
         load_encoder(tmp_path / "enc2")
+
+
+def test_start_from_another_subject_reuses_every_weight_but_the_voxel_input_layer(tmp_path):
+    donor = make(voxels=40, seed=0)
+    save_encoder(donor, tmp_path / "s1", subject=1)
+    vision = {"shape": dataclasses.asdict(SMALL)}
+    new = make(voxels=55, seed=1)
+    fresh = {k: v.clone() for k, v in new.state_dict().items()}
+    record = start_from(tmp_path / "s1", new, subject=2, vision=vision)
+    assert record["reinitialised"] == ["mlp.0.weight", "mlp.0.bias"] and record["subject"] == 1
+    assert record["path"] == str(tmp_path / "s1") and record["identity"]["kind"] == "encoder"
+    for key, value in new.state_dict().items():
+        assert torch.equal(value, fresh[key] if key.startswith("mlp.0.") else donor.state_dict()[key]), key
+    same = make(voxels=40, seed=2)                      # the same subject continues with every weight
+    assert start_from(tmp_path / "s1", same, subject=1, vision=vision)["reinitialised"] == []
+    assert all(torch.equal(v, donor.state_dict()[k]) for k, v in same.state_dict().items())
+
+
+def test_start_from_refuses_another_shape_or_vision_model(tmp_path):
+    save_encoder(make(), tmp_path / "s1")
+    vision = {"shape": dataclasses.asdict(SMALL)}
+    other_shape = make(cfg=dataclasses.replace(TINY, fmri_tokens=9), voxels=55)
+    with pytest.raises(MindhierError, match=r"does not fit this run:\n  fmri_tokens: expected 9, checkpoint has 8"):
+        start_from(tmp_path / "s1", other_shape, subject=2, vision=vision)
+    with pytest.raises(MindhierError, match=r"vision layers: this run \[2, 4\], the checkpoint None"):
+        start_from(tmp_path / "s1", make(voxels=55), subject=2, vision={**vision, "layers": [2, 4]})

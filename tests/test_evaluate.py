@@ -105,6 +105,34 @@ def test_cli_writes_json_and_markdown_with_settings_rows_and_literature(tmp_path
     assert main(argv + ["--force"]) == 0
 
 
+def test_the_averaging_policy_is_read_from_reconstructs_settings_and_never_mixed(tmp_path, capsys):
+    gts = rand_images(4, seed=1)
+    write_tensor(tmp_path / "gt.safetensors", "images", gts)
+    policies = {"outputs": "outputs", "voxels": "voxels", "old": "voxels averaged over repetitions before the encoder"}
+    for folder, recorded in policies.items():   # "old": what reconstruct wrote before --averaging existed
+        (tmp_path / folder).mkdir()
+        write_tensor(tmp_path / folder / "recons.safetensors", "recons", gts.clone())
+        (tmp_path / folder / "settings.json").write_text(json.dumps({"averaging": recorded}))
+
+    def evaluate(out: str, *recons: str, setting: tuple = ()) -> int:
+        pairs = [arg for i, folder in enumerate(recons)
+                 for arg in ("--recons", f"subj0{i + 1}={tmp_path / folder / 'recons.safetensors'}")]
+        return main(["evaluate", *pairs, "--images", str(tmp_path / "gt.safetensors"), "--out", str(tmp_path / out),
+                     *[a for kv in setting for a in ("--setting", kv)]])
+
+    assert evaluate("e1", "outputs") == 0
+    assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["setting"]["averaging"] == "outputs"
+    assert evaluate("e2", "voxels", "old") == 0
+    assert "| averaging | voxels |" in (tmp_path / "e2" / "metrics.md").read_text()
+    capsys.readouterr()
+    assert evaluate("e3", "outputs", "voxels") == 2
+    assert "mix the two averaging policies (subj01: outputs; subj02: voxels)" in capsys.readouterr().err
+    assert evaluate("e4", "outputs", setting=("averaging=voxels",)) == 2
+    assert ("--setting averaging=voxels, but settings.json beside the reconstructions records averaging=outputs"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "e3").exists() and not (tmp_path / "e4").exists()
+
+
 def test_cli_rejects_a_count_mismatch_with_the_files_named(tmp_path, capsys):
     write_tensor(tmp_path / "gt.safetensors", "images", rand_images(5))
     write_tensor(tmp_path / "r.safetensors", "recons", rand_images(4))

@@ -46,7 +46,52 @@ def test_outputs_are_complete_and_independent_of_batch_size(trained):
     assert len(list((one / "coarse_to_fine").iterdir())) == 4
     settings = json.loads((one / "settings.json").read_text())
     assert settings["labels"] == ["single-shot"] and settings["sampling"]["num_candidates"] == 1
-    assert "averaged" in settings["averaging"] and settings["routing"] == "scale-aware"
+    assert settings["averaging"] == "voxels" and "before the encoder" in settings["averaging_note"]
+    assert settings["routing"] == "scale-aware"
+
+
+def encoder_inputs(monkeypatch) -> list[torch.Tensor]:
+    """Every voxel batch the encoder is called on from now on (a copy), in order."""
+    from mindhier.encoder import HierarchicalFMRIEncoder
+
+    seen, forward = [], HierarchicalFMRIEncoder.forward
+
+    def recording(self, voxels):
+        seen.append(voxels.detach().clone())
+        return forward(self, voxels)
+
+    monkeypatch.setattr(HierarchicalFMRIEncoder, "forward", recording)
+    return seen
+
+
+def test_outputs_averaging_runs_the_encoder_on_each_repetition(trained, monkeypatch):
+    """--averaging outputs feeds the encoder every repetition of every test image (MindEye2);
+    the default feeds their mean (MindHier). Both are recorded, and they give other images."""
+    from mindhier.data import TestSet
+
+    repeats = TestSet(trained["world"], 1, policy="repeats")
+    reps = torch.stack([repeats[i]["voxels"] for i in range(5)])                  # (5, 3, V)
+    runs = {}
+    for policy in ("voxels", "outputs"):
+        seen = encoder_inputs(monkeypatch)
+        out = trained["root"] / f"avg_{policy}"
+        assert cli_main(recon_args(trained, out, "--candidates", "1", "--batch", "5", "--averaging", policy)) == 0
+        fed = [v for v in seen if v.abs().sum() > 0]                               # not the null condition's zeros
+        expected = reps.flatten(0, 1) if policy == "outputs" else reps.mean(1)
+        assert len(fed) == 1 and torch.allclose(fed[0], expected), policy
+        settings = json.loads((out / "settings.json").read_text())
+        assert settings["averaging"] == policy
+        runs[policy] = load_file(str(out / "recons.safetensors"))["recons"]
+    assert "MindEye2" in settings["averaging_note"]
+    assert not torch.equal(runs["voxels"], runs["outputs"])
+
+
+def test_an_unknown_averaging_policy_is_refused(trained, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(recon_args(trained, trained["root"] / "avg_bad", "--averaging", "median"))
+    assert exit_.value.code == 2
+    assert "argument --averaging: invalid choice: 'median'" in capsys.readouterr().err
+    assert not (trained["root"] / "avg_bad").exists()
 
 
 def test_best_of_n_is_labelled_and_keeps_single_shot(trained):

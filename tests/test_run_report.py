@@ -176,3 +176,38 @@ def test_demo_layout_through_the_shared_writer(outputs):
     md = paths["md"].read_text()
     assert "top: stimulus, bottom: reconstruction" in md and f"**image {run.image_index[0]:06d}**" in md
     assert Image.open(outputs["root"] / "one" / "reconstructions.png").size == (4 * 98 + 2, 2 * 98 + 2)
+
+
+def test_the_averaging_policy_is_shown_and_two_policies_never_share_a_table(outputs, capsys):
+    """A folder reconstructed with --averaging outputs says so in evaluate's table and in the
+    report; a table over folders of both policies is refused, and so is a stated policy that the
+    folders contradict."""
+    o, root = outputs, outputs["root"]
+    rec = root / "recon_s1_outputs"
+    assert main(["reconstruct", "--data", str(o["world"]), "--subject", "1", "--encoder", str(o["encoder"]),
+                 "--tokenizer", str(o["tokenizer"]), "--generator", str(root / "gen1" / "generator"),
+                 "--out", str(rec), "--averaging", "outputs", "--candidates", "2", "--top-k", "20",
+                 "--coarse-to-fine", "2", "--batch", "20"]) == 0
+    scored = root / "eval_outputs"
+    assert main(["evaluate", "--recons", f"subj01={rec}/recons.safetensors", "--images", str(o["world"]),
+                 "--setting", "sampling=best-of-2", "--out", str(scored), "--device", "cpu"]) == 0
+    assert "| averaging | outputs |" in (scored / "metrics.md").read_text()
+    assert main(["report", "--recons", f"subj01={rec}", "--eval", str(scored), "--out", str(root / "report_outputs"),
+                 "--show", "4", "--strips", "1"]) == 0
+    assert ("outputs: encoder run on each of the 3 repetitions, its outputs averaged (MindEye2) (settings.json)"
+            in (root / "report_outputs" / "report.md").read_text())
+
+    capsys.readouterr()
+    assert main(["evaluate", "--recons", f"subj01={rec}/recons.safetensors", "--recons",
+                 f"subj02={o['recons'][2]}/recons.safetensors", "--images", str(o["world"]),
+                 "--out", str(root / "eval_mixed"), "--device", "cpu"]) == 2
+    assert "mix the two averaging policies (subj01: outputs; subj02: voxels)" in capsys.readouterr().err
+    mixed = edited_eval(o, "e_mixed", recons__subj01=str(rec / "recons.safetensors"))
+    both = {"subj01": rec, "subj02": o["recons"][2]}
+    assert main(report_args({**o, "eval": mixed}, root / "x_mixed", recons=both)) == 2
+    assert "mix the two averaging policies (subj01: outputs; subj02: voxels)" in capsys.readouterr().err
+    stated = edited_eval(o, "e_stated", setting__averaging="outputs")
+    assert main(report_args({**o, "eval": stated}, root / "x_stated")) == 2
+    err = capsys.readouterr().err
+    assert "states averaging=outputs, but the reconstructions were made with averaging=voxels" in err
+    assert not (root / "x_mixed").exists() and not (root / "x_stated").exists()

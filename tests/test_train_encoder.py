@@ -108,6 +108,10 @@ def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def read_log(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
 # ---- training --------------------------------------------------------------------------------
 
 
@@ -122,7 +126,8 @@ def test_loss_falls_and_checkpoint_is_complete(setup, tmp_path):
     assert {f"cosine_e{m}" for m in range(1, 5)} <= set(scores)
     meta = json.loads((out / "encoder.json").read_text())
     assert meta["kind"] == "encoder" and meta["subject"] == SUBJECT and meta["num_voxels"] == 64
-    assert meta["sessions"] == [0, 1]
+    assert meta["nsd_sessions"] == [1, 2] and meta["train"]["nsd_sessions"] is None and meta["init"] is None
+    assert meta["train"]["averaging"] == "voxels" and meta["data_manifest"]["sessions"] == [1, 2]
     depth = CLIP_PRESETS["tiny"].layers
     assert meta["vision"]["layers"] == list(scaled_layer_map("balanced", depth))
     assert meta["vision"]["final_layer"] == depth
@@ -275,6 +280,60 @@ def test_runs_from_before_these_settings_resume_as_they_were_trained(setup, tmp_
     assert cli(setup, out, "--resume", "--stop-after", "1") == 2  # the new default is another run
     assert "captions: expected 'rotate', checkpoint has 'fixed'" in capsys.readouterr().err
     assert cli(setup, out, "--resume", "--stop-after", "1", "--captions", "fixed") == 0
+
+
+# ---- sessions and the test set's averaging policy -------------------------------------------
+
+
+def test_sessions_train_on_exactly_their_trials_and_are_recorded(setup, tmp_path, capsys):
+    """make_data puts trials 0-47 in train/0.tar (session 1) and 48-95 in train/1.tar (session 2)."""
+    half = N_TRAIN // 2
+    trainer = make_trainer(setup, tmp_path / "t", "--sessions", "2")
+    assert sorted(trainer.train.trials) == list(range(half, N_TRAIN)) and len(trainer.test) == N_TEST
+    out = tmp_path / "two"
+    assert cli(setup, out, "--sessions", "2", "--epochs", "1") == 0
+    assert f"{half} trials of sessions 2," in capsys.readouterr().out
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["progress"]["step"] == half // 16                     # an epoch is every trial of session 2 once
+    assert meta["nsd_sessions"] == [2] and meta["train"]["nsd_sessions"] == [2]
+    assert meta["data_manifest"]["sessions"] == [2]
+    assert cli(setup, out, "--resume", "--sessions", "1") == 2       # other sessions: another experiment
+    assert "nsd_sessions: expected [1], checkpoint has [2]" in capsys.readouterr().err
+    assert cli(setup, tmp_path / "x", "--sessions", "3") == 2
+    assert "subject 1 in" in (err := capsys.readouterr().err) and "has no session 3; it holds sessions 1-2" in err
+    assert cli(setup, tmp_path / "x", "--sessions", "0") == 2
+    assert "numbered from 1, as NSD numbers them" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_runs_from_before_nsd_numbering_resume_on_their_sessions(setup, tmp_path, capsys):
+    """train-encoder used to record --sessions as 0-based train tar numbers (``sessions``)."""
+    out = tmp_path / "old"
+    assert cli(setup, out, "--sessions", "1", "--stop-after", "1") == 0
+    meta_path = out / "encoder.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["train"]["nsd_sessions"], meta["train"]["averaging"], meta["train"]["init"], meta["nsd_sessions"]
+    meta["train"]["sessions"], meta["sessions"] = [0], [0]
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli(setup, out, "--resume", "--stop-after", "1", "--sessions", "2") == 2
+    assert "nsd_sessions: expected [2], checkpoint has [1]" in capsys.readouterr().err
+    assert cli(setup, out, "--resume", "--stop-after", "1", "--sessions", "1") == 0
+
+
+def test_outputs_averaging_scores_each_repetition_and_is_recorded(setup, tmp_path, capsys):
+    """The same training, held-out scores from averaged voxels or from averaged encoder outputs."""
+    runs = {policy: tmp_path / policy for policy in ("voxels", "outputs")}
+    for policy, out in runs.items():
+        assert cli(setup, out, "--epochs", "1", "--averaging", policy) == 0
+    assert read_log(runs["voxels"]) == read_log(runs["outputs"])        # the policy never touches training
+    scores = {policy: metrics(out)[0]["test"] for policy, out in runs.items()}
+    assert scores["voxels"]["n_test"] == scores["outputs"]["n_test"] == N_TEST
+    assert scores["voxels"]["cosine_e1"] != scores["outputs"]["cosine_e1"]
+    assert json.loads((runs["outputs"] / "encoder.json").read_text())["train"]["averaging"] == "outputs"
+    assert "(outputs averaged)" in capsys.readouterr().out
+    assert cli(setup, runs["outputs"], "--resume", "--epochs", "2") == 2   # resumed with the default policy
+    assert "averaging: expected 'voxels', checkpoint has 'outputs'" in capsys.readouterr().err
 
 
 # ---- bad inputs ------------------------------------------------------------------------------

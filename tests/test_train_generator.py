@@ -251,3 +251,35 @@ def test_small_stimuli_refused_unless_allowed_and_full_size_preferred(stack, tmp
     assert cli_main(train_args(small, tmp_path / "full", steps=1)) == 0
     record = json.loads((tmp_path / "full" / "generator.json").read_text())["stimuli"]
     assert (record["kind"], record["image_size"], record["upsampling"]) == ("imgbrick", [32, 32], 1.0)
+
+
+def copy_encoder(stack: dict, folder: Path, **meta_changes) -> Path:
+    """A copy of the stack's encoder whose JSON says ``meta_changes`` (e.g. the sessions it trained on)."""
+    folder.mkdir(parents=True)
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(stack["encoder"].with_suffix(suffix), folder / f"encoder{suffix}")
+    meta = json.loads((folder / "encoder.json").read_text())
+    (folder / "encoder.json").write_text(json.dumps({**meta, **meta_changes}))
+    return folder / "encoder"
+
+
+def test_sessions_and_averaging_are_recorded_and_sessions_must_be_the_encoders(stack, capsys):
+    from mindhier.data import layout, read_behav_tar
+
+    root, out = stack["root"], stack["root"] / "run_sessions"
+    session_2 = read_behav_tar(layout.train_tar_path(stack["world"], 1, 1))          # train/1.tar = session 2
+    assert cli_main(train_args(stack, out, "--sessions", "2", "--averaging", "outputs", "--sample-every", "2",
+                               steps=2)) == 0
+    assert f"{len(session_2)} trials of sessions 2," in capsys.readouterr().out
+    meta = json.loads((out / "generator.json").read_text())
+    assert meta["nsd_sessions"] == [2] and meta["train"]["nsd_sessions"] == [2] and meta["averaging"] == "outputs"
+    assert meta["data_manifest"]["sessions"] == [2] and (out / "samples" / "step_0000002.png").exists()
+    tokens = load_file(str(out / "tokens.safetensors"))["image_index"].numpy()      # only session 2's images
+    assert np.array_equal(tokens, np.unique(session_2[:, layout.COL_IMAGE].astype(np.int64)))
+    assert cli_main(train_args(stack, out, "--sessions", "3", "--resume", steps=4)) == 2
+    assert "nsd_sessions: expected [3], checkpoint has [2]" in capsys.readouterr().err
+    one_session = {**stack, "encoder": copy_encoder(stack, root / "enc_session1", nsd_sessions=[1])}
+    assert cli_main(train_args(one_session, root / "gen_all", steps=1)) == 2
+    assert ("trained on sessions 1 of subject 1, this run would train on sessions 1-5; both stages must see the "
+            "same sessions: pass --sessions 1" in capsys.readouterr().err)
+    assert cli_main(train_args(one_session, root / "gen_session1", "--sessions", "1", steps=1)) == 0

@@ -14,9 +14,13 @@ not comparable to EffNet-B1) and, with --vision, two-way identification in the i
 
 From Python: ``mindhier.evaluate_images(recons, stimuli, vision=...)`` on tensors.
 
+The averaging policy (voxels or outputs, mindhier.data.averaging) is read from the settings.json
+that `mindhier reconstruct` wrote beside each file: it fills --setting averaging when that is not
+given, and reconstructions made under the two policies are refused in one table.
+
 Example:
   mindhier evaluate --recons subj01=out/subj01/recons.safetensors --images data/ \\
-      --setting averaging=voxels --setting sampling=single-shot --out eval/
+      --setting split=new_test --setting sampling=single-shot --out eval/
 """
 
 from __future__ import annotations
@@ -299,8 +303,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="in-project CLIP checkpoint (`mindhier train-vision` output): adds two-way "
                              "identification in its image-embedding space (CLIP-ours column)")
     parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
-                        help="recorded in the table; state at least split=, averaging=voxels|outputs, "
-                             "sampling=single-shot|best-of-N")
+                        help="recorded in the table; state at least split=, averaging=voxels|outputs (read from "
+                             "reconstruct's settings.json when not given), sampling=single-shot|best-of-N")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for the feature networks (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per network forward (default: %(default)s)")
@@ -320,6 +324,25 @@ def parse_pairs(items: list[str], flag: str, allow_bare: bool = False) -> dict[s
             raise EvaluationError(f"{flag}: {name} given twice")
         pairs[name] = value
     return pairs
+
+
+def state_averaging(recon_paths: dict[str, str], setting: dict) -> None:
+    """Put the averaging policy recorded beside the reconstructions (reconstruct's settings.json)
+    into ``setting``; refuse a mix of policies, or a --setting averaging that contradicts them."""
+    from mindhier.data import averaging
+
+    policies = {}
+    for name, path in recon_paths.items():
+        settings = Path(path).parent / "settings.json"   # OUT/recons*.safetensors and OUT/images alike
+        record = json.loads(settings.read_text()) if settings.is_file() else {}
+        policies[name] = averaging.recorded(record.get("averaging"))
+    policy = averaging.common_policy(policies, "--recons")
+    stated = setting.get("averaging")
+    if policy is not None and stated not in (None, policy):
+        raise EvaluationError(f"--setting averaging={stated}, but settings.json beside the reconstructions records "
+                              f"averaging={policy}; leave --setting averaging out (it is read from there)")
+    if policy is not None:
+        setting["averaging"] = policy
 
 
 def load_vision_embedder(path: str | None):
@@ -343,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluationError(f"{out / 'metrics.json'} exists; choose another --out or pass --force")
     recon_paths = parse_pairs(args.recons, "--recons", allow_bare=True)
     setting = parse_pairs(args.setting, "--setting")
+    state_averaging(recon_paths, setting)
     embed, vision_reason = load_vision_embedder(args.vision)
     metrics = suite.default_metrics(args.weights_dir, args.clip_dir, embed, vision_reason,
                                     allow_unpublished=args.allow_unpublished_weights)

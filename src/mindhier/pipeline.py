@@ -123,15 +123,10 @@ class Encoded(NamedTuple):
 def predict_hierarchy(encoder, voxels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(e_1..e_M as float32 (B, T, D), predicted embedding (B, D)) for voxels (B, V), or for
     (B, R, V) repetitions whose outputs are averaged (MindEye2's policy)."""
-    from mindhier.encoder import predicted_embedding
+    from mindhier.encoder import encode_repetitions, predicted_embedding
 
-    if voxels.ndim == 2:
-        out = encoder(voxels)
-        return [e.float() for e in out.levels], predicted_embedding(out).float()
-    B, R = voxels.shape[:2]
-    out = encoder(voxels.flatten(0, 1))
-    levels = [e.float().unflatten(0, (B, R)).mean(1) for e in out.levels]
-    return levels, predicted_embedding(out).float().unflatten(0, (B, R)).mean(1)
+    out = encode_repetitions(encoder, voxels)
+    return [e.float() for e in out.levels], predicted_embedding(out).float()
 
 
 @torch.no_grad()

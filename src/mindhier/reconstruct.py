@@ -1,8 +1,11 @@
 """``mindhier reconstruct``: test-set reconstructions from fMRI (paper §3.3, SPEC §5).
 
-The frozen encoder turns each test image's voxels (repetitions averaged, MindHier's policy) into
-the hierarchy e_1..e_M; the generator samples the token pyramid scale by scale under scale-aware
-guidance (CFG against the encoder's output for all-zero voxels); the tokenizer decodes it.
+The frozen encoder turns each test image's voxels into the hierarchy e_1..e_M: by default the 3
+repetitions' voxels are averaged first (MindHier's and MindEye1's policy, the paper's tables);
+``--averaging outputs`` runs the encoder on each repetition and averages its outputs (MindEye2's).
+Either way settings.json records the policy, and the tables made from it show it. The generator
+samples the token pyramid scale by scale under scale-aware guidance (CFG against the encoder's
+output for all-zero voxels); the tokenizer decodes it.
 
     mindhier reconstruct --data worlds/demo --subject 1 --encoder runs/encoder/encoder \\
         --tokenizer runs/tokenizer/tokenizer --generator runs/generator/generator --out runs/recons
@@ -20,7 +23,7 @@ OUT/recons.safetensors          key "recons": (N, 3, H, W) in [0, 1], ascending 
 OUT/recons_single-shot.safetensors   the single-shot set (when N > 1)
 OUT/images/IMAGE.png            one PNG per test image (the primary set)
 OUT/coarse_to_fine/IMAGE.png    the picture after every scale, for the first --coarse-to-fine images
-OUT/settings.json               checkpoints, split, averaging policy, sampling settings, seeds
+OUT/settings.json               checkpoints, split, averaging ("voxels"/"outputs"), sampling settings, seeds
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from mindhier.data import averaging
 from mindhier.errors import MindhierError
 # The frozen stack lives in mindhier.pipeline; these names stay importable from here for the
 # training commands and the demo, which load a generator or check checkpoints the same way.
@@ -52,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision", default=None,
                    help="vision model that embeds candidates for best-of-N (default: the one the encoder was trained on)")
     p.add_argument("--out", required=True, help="output folder")
+    averaging.add_argument(p, "reconstruction")
     p.add_argument("--candidates", type=int, default=4, help="N of best-of-N (paper: 4); 1 = single-shot only")
     p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance at the last scale (ramped from 0)")
     p.add_argument("--cfg-off-from", type=int, default=None,
@@ -83,7 +88,7 @@ def _run(args, d) -> None:
         raise MindhierError(f"{out / 'recons.safetensors'} exists; choose another --out or pass --force")
     pipeline = Pipeline.from_checkpoints(args.encoder, args.tokenizer, args.generator, vision=args.vision,
                                          subject=args.subject, device=d.device, precision=args.precision)
-    test = TestSet(args.data, args.subject, policy="average")
+    test = TestSet(args.data, args.subject, policy=averaging.dataset_policy(args.averaging))
     pipeline.check_voxel_count(test.num_voxels, f"{args.data} (subject {args.subject})")
     settings = SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, cfg_off_from=args.cfg_off_from,
                                 seed=args.seed, num_candidates=args.candidates)
@@ -94,7 +99,7 @@ def _run(args, d) -> None:
     results = {}
     batches = [mine[i:i + args.batch] for i in range(0, len(mine), args.batch)]
     for rows in tqdm(batches, desc="reconstruct", disable=not d.is_main, dynamic_ncols=True):
-        voxels = torch.stack([test[i]["voxels"] for i in rows])
+        voxels = torch.stack([test[i]["voxels"] for i in rows])   # (B, V), or (B, 3, V) for --averaging outputs
         ids = [int(test.image_indices[i]) for i in rows]
         rec = pipeline(voxels, image_ids=ids, **dataclasses.asdict(settings), batch_size=len(rows),
                        return_scales=any(i < args.coarse_to_fine for i in rows))
@@ -153,7 +158,7 @@ def _write_outputs(out: Path, merged: dict, n: int, settings: SamplingSettings, 
         "checkpoints": {"encoder": str(args.encoder), "tokenizer": str(args.tokenizer), "generator": str(args.generator),
                         "generator_identity": checkpoint_identity(gen_meta)},
         "data": str(args.data), "subject": args.subject, "split": "test (shared1000 / world test images)",
-        "averaging": "voxels averaged over repetitions before the encoder", "n_images": n,
+        "averaging": args.averaging, "averaging_note": averaging.DESCRIPTIONS[args.averaging], "n_images": n,
         "sampling": dataclasses.asdict(settings), "labels": labels, "primary": primary,
         "seeds": "per image: SeedSequence([seed, image_index, candidate])", "routing": gen_meta["config"]["routing"],
         "best_of_n_ranking": "cosine(vision embedding of candidate, encoder's predicted embedding)" if len(labels) > 1 else None,

@@ -275,10 +275,10 @@ def report_table(result: dict, runs: dict[str, ReconFolder], labels: dict[str, s
     rows, columns = table_rows(result)
     # What the evaluation was not told, the reconstruct folders record.
     recorded = {"split": {r.settings.get("split") for r in runs.values()},
-                "averaging": {r.settings.get("averaging") for r in runs.values()},
                 "sampling": set(labels.values()), "subjects": {", ".join(runs)}}
     setting = {k: result["setting"].get(k) or (f"{', '.join(sorted(map(str, recorded[k])))} (settings.json)"
                                                if k in recorded else "not stated") for k in SETTING_KEYS}
+    setting["averaging"] = averaging_setting(result, runs, eval_dir)
     setting.update({k: v for k, v in result["setting"].items() if k not in SETTING_KEYS})
     sampling = {json.dumps(r.settings.get("sampling", {})) for r in runs.values()}
     setting["sampling settings"] = sampling.pop() if len(sampling) == 1 else "differ per subject (see settings.json)"
@@ -291,6 +291,24 @@ def report_table(result: dict, runs: dict[str, ReconFolder], labels: dict[str, s
     notes += [f"n/a {k}: {reason}" for k, reason in result.get("unavailable", {}).items()]
     notes.append("Rows in italics are published numbers, not this run.")
     return rows, columns, setting, notes
+
+
+def averaging_setting(result: dict, runs: dict[str, ReconFolder], eval_dir: Path) -> str:
+    """The table's averaging policy: the one every reconstruct folder records (a table over
+    subjects reconstructed under both policies is refused), which the evaluation, when it states
+    one, must agree with."""
+    from mindhier.data import averaging
+
+    policy = averaging.common_policy({n: averaging.recorded(r.settings.get("averaging")) for n, r in runs.items()},
+                                     "the reconstruct folders of --recons")
+    stated = result["setting"].get("averaging")
+    if policy is None:
+        return stated or "not stated"
+    if stated is not None and stated != policy:
+        raise ReportError(f"{eval_dir / 'metrics.json'} states averaging={stated}, but the reconstructions were made "
+                          f"with averaging={policy} (settings.json): evaluate them again without --setting averaging "
+                          "(it is read from settings.json)")
+    return f"{averaging.describe(policy)} (settings.json)"
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -74,23 +74,30 @@ def world_summary(root: Path) -> dict | None:
     return {key: info.get(key, config.get(key)) for key in ("seed", "preset")}
 
 
-def data_manifest(root: str | Path, subjects=None, full: bool = False) -> dict:
+def data_manifest(root: str | Path, subjects=None, full: bool = False, sessions=None) -> dict:
     """Fingerprint of the data under ``root`` for ``subjects`` (default: all with betas);
-    ``full``: every file hashed whole, however large."""
+    ``full``: every file hashed whole, however large; ``sessions``: the (1-based) sessions a run
+    trains on, recorded as such (every train tar is fingerprinted whichever are used)."""
     root = Path(root)
     subjects = sorted(int(s) for s in (layout.subjects_in(root) if subjects is None else subjects))
     files = {p.relative_to(root).as_posix(): file_fingerprint(p, full) for p in relevant_files(root, subjects)}
     folder = layout.images_dir(root)
     if folder.is_dir():
         files[folder.relative_to(root).as_posix() + "/"] = _png_folder_fingerprint(folder)
-    return {"version": MANIFEST_VERSION, "subjects": subjects, "files": dict(sorted(files.items())),
-            "world": world_summary(root)}
+    manifest = {"version": MANIFEST_VERSION, "subjects": subjects, "files": dict(sorted(files.items())),
+                "world": world_summary(root)}
+    if sessions is not None:
+        manifest["sessions"] = [int(s) for s in sessions]
+    return manifest
 
 
 def diff_manifests(saved: dict, current: dict) -> list[str]:
     """Human-readable differences between a checkpoint's manifest and today's data; empty
-    when they match. Files only in ``current`` (e.g. an extra subject) are not differences."""
+    when they match. Files only in ``current`` (e.g. an extra subject) are not differences;
+    sessions are compared when both record them."""
     problems = []
+    if None not in (saved.get("sessions"), current.get("sessions")) and saved["sessions"] != current["sessions"]:
+        problems.append(f"sessions differ: saved {saved['sessions']}, now {current['sessions']}")
     if saved.get("world") != current.get("world"):
         problems.append(f"synthetic world differs: saved {saved.get('world')}, now {current.get('world')}")
     for name, fp in saved.get("files", {}).items():

@@ -18,6 +18,7 @@ from mindhier.encoder.model import (
     HierarchicalFMRIEncoder,
     VisionShape,
     count_parameters,
+    encode_repetitions,
     predicted_embedding,
 )
 from mindhier.encoder.targets import LAYER_MAP_CHOICES, MissingTargetsError, layer_map
@@ -25,7 +26,7 @@ from mindhier.encoder.targets import LAYER_MAP_CHOICES, MissingTargetsError, lay
 __all__ = [
     "CLIP_VIT_L14", "PRESETS", "SUPERVISIONS", "LAYER_MAP_CHOICES", "EncoderConfig", "EncoderOutput",
     "HierarchicalFMRIEncoder", "VisionShape", "MissingTargetsError", "VoxelCountError",
-    "aligned_mse", "check_voxels", "count_parameters", "encoder_loss", "flat_cosine", "layer_map",
-    "load_encoder", "model_tensors", "predicted_embedding", "soft_clip_loss", "top1_retrieval",
+    "aligned_mse", "check_voxels", "count_parameters", "encode_repetitions", "encoder_loss", "flat_cosine",
+    "layer_map", "load_encoder", "model_tensors", "predicted_embedding", "soft_clip_loss", "top1_retrieval",
     "two_way_identification",
 ]

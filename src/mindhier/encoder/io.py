@@ -4,6 +4,7 @@ The checkpoint written by ``mindhier train-encoder`` holds the model weights (pl
 keys) plus, for exact resume, the optimizer (``optim.*``) and RNG state (``rng.*``). Its JSON
 records the resolved :class:`EncoderConfig`, the voxel count and subject it was trained on, and
 the vision model's shape and layers; that is all it takes to rebuild the model here.
+:func:`start_from` starts a new encoder, possibly of another subject, from such a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import torch
 
 from mindhier.checkpoint import CheckpointError, load_checkpoint, load_state_strict, model_tensors, paths_for
-from mindhier.config import from_dict
+from mindhier.config import diff_configs, from_dict, to_dict
 from mindhier.encoder.model import EncoderConfig, HierarchicalFMRIEncoder, VisionShape
 from mindhier.errors import MindhierError
 
@@ -65,3 +66,32 @@ def load_encoder(
     model = encoder_from_meta(meta)
     load_state_strict(model, model_tensors(tensors), where)
     return model.to(device).eval(), meta
+
+
+def start_from(path: str | os.PathLike, model: HierarchicalFMRIEncoder, subject: int, vision: dict) -> dict:
+    """Load the encoder checkpoint ``path`` into ``model`` (a fresh encoder of ``subject``,
+    aligned to ``vision``: train-encoder's record of its vision model) and return what to record.
+
+    Every weight is reused except, for another subject or voxel count, the subject-specific input
+    layer (``model.INPUT_LAYER``), which keeps its fresh initialisation: the new-subject recipe
+    (docs/new_subject.md), like MindEye2's shared-subject model and the official code's
+    multi-subject encoder. Refuses a checkpoint of another shape or vision model, since the
+    reused levels would then be aligned to other targets."""
+    tensors, meta = load_checkpoint(path, kind=KIND)
+    where = paths_for(path)[1]
+    problems = diff_configs(to_dict(model.cfg), meta.get("config", {}))
+    theirs = meta.get("vision", {})
+    problems += [f"vision {key}: this run {vision.get(key)!r}, the checkpoint {theirs.get(key)!r}"
+                 for key in ("identity", "shape", "layers", "final_layer") if theirs.get(key) != vision.get(key)]
+    if problems:
+        raise MindhierError(f"--init {where} does not fit this run:\n  " + "\n  ".join(problems)
+                            + "\nPass the --preset, --supervision, --tau, --vision and --layer-map it was trained "
+                              "with, or start without --init.")
+    same_input = meta.get("subject") == subject and int(meta["num_voxels"]) == model.num_voxels
+    fresh = [] if same_input else [k for k in model.state_dict() if k.startswith(model.INPUT_LAYER + ".")]
+    weights = {**model_tensors(tensors), **{k: model.state_dict()[k] for k in fresh}}
+    load_state_strict(model, weights, where)
+    from mindhier.pipeline import checkpoint_identity
+
+    return {"path": str(path), "identity": checkpoint_identity(meta), "subject": meta.get("subject"),
+            "num_voxels": int(meta["num_voxels"]), "reinitialised": fresh}

@@ -107,6 +107,10 @@ class EncoderOutput:
 
 
 class HierarchicalFMRIEncoder(nn.Module):
+    # The one subject-specific layer: Linear(V→h1), V the subject's voxel count (the official
+    # code's multi-subject mode gives each subject its own, ``ridge``, and shares the rest).
+    INPUT_LAYER = "mlp.0"
+
     def __init__(self, cfg: EncoderConfig, num_voxels: int, vision: VisionShape):
         super().__init__()
         self.cfg, self.num_voxels, self.vision = cfg, int(num_voxels), vision
@@ -169,6 +173,20 @@ def predicted_embedding(out: EncoderOutput) -> torch.Tensor:
     predicted final layer lives in the same space (cosine-compare it with a candidate image's
     embedding for best-of-N ranking, or with ``final_embedding`` targets for retrieval)."""
     return out.image_final[:, 0]
+
+
+def encode_repetitions(model: nn.Module, voxels: torch.Tensor) -> EncoderOutput:
+    """The encoder on (B, V) voxels (repetitions averaged before it: MindHier's test policy), or
+    on each of (B, R, V) repetitions with every output averaged over R in float32 (MindEye2's)."""
+    if voxels.ndim == 2:
+        return model(voxels)
+    B, R = voxels.shape[:2]
+    out = model(voxels.flatten(0, 1))
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return x.float().unflatten(0, (B, R)).mean(1)
+
+    return EncoderOutput([mean(e) for e in out.levels], mean(out.image_final), mean(out.text))
 
 
 def count_parameters(model: nn.Module) -> int:

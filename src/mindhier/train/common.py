@@ -1,6 +1,6 @@
 """Pieces every training loop shares: optimiser groups, LR schedule, autocast, loss guard,
-progress bar, seeding, the JSON-lines log (mirrored to TensorBoard when it is installed) and
-its curves."""
+progress bar, seeding, the JSON-lines log (mirrored to TensorBoard when it is installed), its
+curves, and every rank's RNG state for an exact resume."""
 
 from __future__ import annotations
 
@@ -137,3 +137,38 @@ def plot_curves(out) -> None:
         write_curves(out)
     except Exception as err:  # noqa: BLE001
         print(f"warning: could not draw {Path(out) / 'curves.png'}: {type(err).__name__}: {err}", flush=True)
+
+
+# ---- RNG state of every rank (dropout), saved with a checkpoint for an exact --resume ----------
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def gather_rng(d) -> dict[str, torch.Tensor]:
+    """Every rank's RNG state, gathered on rank 0 as ``rng.rank{r}.{cpu,cuda}`` tensors."""
+    mine = {k: v.numpy().tobytes() for k, v in _rng_state(d.device).items()}
+    states = [mine]
+    if d.enabled:
+        states = [None] * d.world_size
+        torch.distributed.all_gather_object(states, mine)
+    return {f"rng.rank{r}.{k}": torch.frombuffer(bytearray(v), dtype=torch.uint8)
+            for r, s in enumerate(states) for k, v in s.items()}
+
+
+def restore_rng(tensors: dict, d, saved_world: int, fallback_seed: int) -> None:
+    """This rank's saved RNG state; reseeded from ``fallback_seed`` under another process count."""
+    key = f"rng.rank{d.rank}.cpu"
+    if saved_world != d.world_size or key not in tensors:
+        # Another process count: the data order still resumes exactly, dropout noise cannot.
+        if d.is_main:
+            print(f"note: checkpoint was written by {saved_world} process(es), now {d.world_size}: "
+                  "dropout RNG reseeded", flush=True)
+        torch.manual_seed(fallback_seed)
+        return
+    torch.set_rng_state(tensors[key].clone())
+    cuda_key = f"rng.rank{d.rank}.cuda"
+    if d.device.type == "cuda" and cuda_key in tensors:
+        torch.cuda.set_rng_state(tensors[cuda_key].clone(), d.device)

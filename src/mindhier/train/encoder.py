@@ -13,12 +13,14 @@ does (--captions, mindhier.encoder.targets); the text MSE's weight is --text-mse
 --global-batch is the batch the optimiser sees whatever the number of processes; per-process
 micro batches and gradient accumulation are derived from it. SoftCLIP's negatives are the other
 samples of the same micro batch. After every epoch the encoder is scored on the test images
-(voxels averaged over repetitions): per-level cosine to its vision layer, and two-way
-identification and top-1 retrieval of the predicted image embedding. The checkpoint
-(OUT/encoder.safetensors + .json) carries optimizer and RNG state, so --resume continues exactly
-where a run stopped. Every step's loss (and its parts), learning rate and gradient norm go to
-OUT/log.jsonl, each epoch's test scores to OUT/metrics.jsonl, and both are drawn into
-OUT/curves.png at every checkpoint (`mindhier curves OUT` redraws it).
+(their repetitions used as --averaging says): per-level cosine to its vision layer, and two-way
+identification and top-1 retrieval of the predicted image embedding. --sessions trains on some
+scan sessions only (mindhier.train.sessions; the paper's one-session setting is --sessions 1);
+--init starts from another encoder, of this or another subject (docs/new_subject.md). The
+checkpoint (OUT/encoder.safetensors + .json) carries optimizer and RNG state, so --resume
+continues exactly where a run stopped. Every step's loss (and its parts), learning rate and
+gradient norm go to OUT/log.jsonl, each epoch's test scores to OUT/metrics.jsonl, and both are
+drawn into OUT/curves.png at every checkpoint (`mindhier curves OUT` redraws it).
 """
 
 from __future__ import annotations
@@ -41,20 +43,20 @@ from mindhier.checkpoint import (
     paths_for, save_checkpoint,
 )
 from mindhier.config import diff_configs, get_preset, to_dict
-from mindhier.data import DataError, SubjectIndex, TestSet, TrainTrials
+from mindhier.data import DataError, SubjectIndex, TestSet, averaging
 from mindhier.data.manifest import data_manifest, diff_manifests
 from mindhier.encoder import (
-    PRESETS, SUPERVISIONS, HierarchicalFMRIEncoder, VisionShape, encoder_loss,
+    PRESETS, SUPERVISIONS, HierarchicalFMRIEncoder, VisionShape, encode_repetitions, encoder_loss,
     flat_cosine, predicted_embedding, top1_retrieval, two_way_identification,
 )
-from mindhier.encoder.io import KIND, check_voxels, model_tensors
+from mindhier.encoder.io import KIND, check_voxels, model_tensors, start_from
 from mindhier.encoder.losses import LOSS_PRESETS, LossConfig
 from mindhier.encoder.targets import (
     CAPTION_MODES, LAYER_MAP_CHOICES, MissingTargetsError, cached_text_variants, caption_variant,
     check_cached_layers, layer_map, required_keys, text_variant_name,
 )
 from mindhier.errors import MindhierError
-from mindhier.train import common
+from mindhier.train import common, sessions
 from mindhier.train.distributed import Dist, all_reduce_mean, distributed_session, split_global_batch
 
 CHECKPOINT = "encoder"
@@ -67,7 +69,7 @@ class TrainSettings:
     --resume, because changing any of it midway would make the result another experiment."""
 
     subject: int
-    sessions: tuple[int, ...] | None
+    nsd_sessions: tuple[int, ...] | None  # --sessions, numbered from 1 (None: all); mindhier.train.sessions
     epochs: int
     global_batch: int
     lr: float
@@ -80,17 +82,19 @@ class TrainSettings:
     precision: str
     captions: str  # text target's caption rule, CAPTION_MODES (mindhier.encoder.targets)
     loss: LossConfig  # loss weights (mindhier.encoder.losses)
+    averaging: str = averaging.DEFAULT  # test repetitions of the held-out scores (mindhier.data.averaging)
+    init: str | None = None  # --init: the encoder checkpoint this run started from
 
 
 # What checkpoints written before a setting existed trained with (compared on --resume).
-LEGACY_TRAIN = {"captions": "fixed", "loss": {"text_mse_weight": 1.0}}
+LEGACY_TRAIN = {"captions": "fixed", "loss": {"text_mse_weight": 1.0}, "averaging": averaging.DEFAULT,
+                "init": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data folder in MindEye2 layout (a world or prepared NSD)")
     p.add_argument("--subject", type=int, default=1, help="NSD subject number")
-    p.add_argument("--sessions", default=None,
-                   help="training sessions (train tar numbers, 0-based), e.g. '0-9' or '0,3,5'; default all")
+    sessions.add_argument(p)
     p.add_argument("--vision", required=True,
                    help="frozen vision model: a train-vision output (folder or checkpoint) or a local HF CLIP folder")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="encoder size")
@@ -113,6 +117,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-mse-weight", type=float, default=None,
                    help="weight of the text MSE relative to the image MSE terms (default: the preset's; "
                         "paper 257/77 = the official code's 200000 * mean-MSE, demo/tiny 1 = the paper's sum)")
+    p.add_argument("--init", default=None, metavar="ENCODER",
+                   help="start from this train-encoder checkpoint (same --preset and vision model): every weight, "
+                        "except the subject-specific voxel input layer when it was trained on another subject "
+                        "(the new-subject recipe, docs/new_subject.md); fresh optimiser and schedule")
+    averaging.add_argument(p, "the held-out scores after every epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32"),
                    help="auto: bf16 autocast where the device runs it fast; fp32: never")
@@ -129,19 +138,6 @@ def run(args: argparse.Namespace) -> int:
     with distributed_session(args.device) as d:
         Trainer(args, d).fit()
     return 0
-
-
-def parse_sessions(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    sessions: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            sessions += range(int(lo), int(hi or lo) + 1)
-    except ValueError:
-        raise MindhierError(f"--sessions {text!r}: use numbers and ranges like '0-9' or '0,3,5'") from None
-    return tuple(sorted(set(sessions)))
 
 
 class Trainer:
@@ -166,10 +162,11 @@ class Trainer:
     def _load_data(self) -> None:
         a = self.args
         index = SubjectIndex(a.data, a.subject)
-        self.train = TrainTrials(a.data, a.subject, sessions=parse_sessions(a.sessions), index=index)
-        self.test = TestSet(a.data, a.subject, policy="average", index=index, expected_voxels=self.train.num_voxels)
+        self.train = sessions.training_trials(a.data, a.subject, sessions.parse(a.sessions), index)
+        self.test = TestSet(a.data, a.subject, policy=averaging.dataset_policy(a.averaging), index=index,
+                            expected_voxels=self.train.num_voxels)
         self.num_voxels = self.train.num_voxels
-        self.manifest = data_manifest(a.data, [a.subject])
+        self.manifest = data_manifest(a.data, [a.subject], sessions=sessions.trained_on(self.train))
         if len(self.train) < a.global_batch:
             raise MindhierError(f"subject {a.subject} has {len(self.train)} training trials, fewer than "
                                 f"--global-batch {a.global_batch}; lower the batch")
@@ -238,12 +235,19 @@ class Trainer:
         if a.text_mse_weight is not None:
             loss = dataclasses.replace(loss, text_mse_weight=a.text_mse_weight)
         self.settings = TrainSettings(
-            subject=a.subject, sessions=parse_sessions(a.sessions), epochs=a.epochs,
+            subject=a.subject, nsd_sessions=sessions.parse(a.sessions), epochs=a.epochs,
             global_batch=a.global_batch, lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup,
             seed=a.seed, layer_map=a.layer_map, layers=tuple(self.layers), final_layer=self.final_layer,
-            precision=a.precision, captions=a.captions, loss=loss,
+            precision=a.precision, captions=a.captions, loss=loss, averaging=a.averaging, init=a.init,
         )
         self.model = HierarchicalFMRIEncoder(cfg, self.num_voxels, self.shape).to(self.device)
+        self.init_record = None  # what --init loaded (a resumed run reads it from its checkpoint)
+        if a.init and not a.resume:
+            self.init_record = start_from(a.init, self.model, a.subject, self.vision_info)
+            if self.d.is_main:
+                fresh = ", ".join(self.init_record["reinitialised"]) or "none"
+                print(f"starting from the encoder {a.init} (subject {self.init_record['subject']}); "
+                      f"re-initialised: {fresh}", flush=True)
         self.optimizer = common.adamw(self.model, a.lr, a.weight_decay)
         self.micro, self.accum = split_global_batch(a.global_batch, self.d.world_size, a.max_micro_batch)
         self.sampler = DistributedSampler(self.train, num_replicas=self.d.world_size, rank=self.d.rank,
@@ -266,7 +270,7 @@ class Trainer:
     def _meta(self, epoch: int) -> dict:
         return {
             "num_voxels": self.num_voxels, "subject": self.args.subject,
-            "sessions": sorted(int(s) for s in np.unique(self.train.table.session)),
+            "nsd_sessions": sessions.trained_on(self.train), "init": self.init_record,
             "vision": self.vision_info, "train": to_dict(self.settings),
             "data_manifest": self.manifest,
             "progress": {"step": self.step, "epoch": epoch, "total_steps": self.total_steps,
@@ -274,7 +278,7 @@ class Trainer:
         }
 
     def _save(self, epoch: int) -> None:
-        rng = _gather_rng(self.d)
+        rng = common.gather_rng(self.d)
         if not self.d.is_main:
             return
         tensors = dict(self.model.state_dict())
@@ -291,7 +295,8 @@ class Trainer:
         where = paths_for(self.ckpt)[1]
         check_voxels(meta, self.num_voxels, self.args.subject, where)
         check_config(meta, self.cfg, where)
-        diffs = diff_configs(to_dict(self.settings), {**LEGACY_TRAIN, **meta.get("train", {})})
+        saved = sessions.legacy_settings(meta.get("train", {}))
+        diffs = diff_configs(to_dict(self.settings), {**LEGACY_TRAIN, **saved})
         if diffs:
             raise MindhierError(f"--resume: {where} was trained with other settings:\n  " + "\n  ".join(diffs)
                                 + "\nRerun with the same flags (an older run: --captions fixed "
@@ -304,7 +309,8 @@ class Trainer:
         optimizer_from_tensors(self.optimizer, tensors, meta["optimizer"])
         self.step = int(meta["progress"]["step"])
         self.epoch_sums = dict(meta["progress"].get("epoch_sums", {}))
-        _restore_rng(tensors, self.d, int(meta["progress"]["world_size"]), self.args.seed + 1 + self.d.rank)
+        self.init_record = meta.get("init")
+        common.restore_rng(tensors, self.d, int(meta["progress"]["world_size"]), self.args.seed + 1 + self.d.rank)
         if self.d.is_main:
             print(f"resumed {where} at step {self.step}/{self.total_steps}", flush=True)
 
@@ -316,10 +322,11 @@ class Trainer:
             for log in ("log.jsonl", "metrics.jsonl"):   # a fresh run starts them anew, a resumed one at its step
                 common.trim_log(self.out / log, self.step)
             n_params = sum(p.numel() for p in self.model.parameters())
-            print(f"train-encoder: subject {a.subject}, {len(self.train)} trials, {self.num_voxels} voxels, "
-                  f"{len(self.test)} test images | {a.preset} encoder {n_params:,} params, {a.supervision} "
-                  f"supervision, vision layers {list(self.layers)} (+final {self.final_layer}), "
-                  f"captions {a.captions}, text MSE weight {self.settings.loss.text_mse_weight:.4g} | "
+            print(f"train-encoder: subject {a.subject}, {len(self.train)} trials of sessions {a.sessions or 'all'}, "
+                  f"{self.num_voxels} voxels, {len(self.test)} test images ({a.averaging} averaged) | {a.preset} "
+                  f"encoder {n_params:,} params, {a.supervision} supervision, vision layers {list(self.layers)} "
+                  f"(+final {self.final_layer}), captions {a.captions}, text MSE weight "
+                  f"{self.settings.loss.text_mse_weight:.4g} | "
                   f"{d.world_size} process(es) x {self.micro} x {self.accum} accum = batch {a.global_batch}, "
                   f"{self.steps_per_epoch} steps/epoch", flush=True)
         stop_at = self.step + a.stop_after if a.stop_after is not None else None
@@ -456,7 +463,7 @@ def evaluate(model, test, cache, layers, final_layer, device, autocast=None, chu
         voxels = torch.stack([test[i]["voxels"] for i in idx]).to(device)
         targets = cache.rows_for(test.image_indices[start:start + len(idx)], names=sorted(set(names)))
         with (autocast() if autocast else contextlib.nullcontext()):
-            out = model(voxels)
+            out = encode_repetitions(model, voxels)  # (B, V), or (B, 3, V) with outputs averaged
         for m, g in enumerate(layers):
             cos[f"cosine_e{m + 1}"].append(flat_cosine(out.levels[m], targets[f"layer_{g}"].to(device)).cpu())
         cos["cosine_final"].append(flat_cosine(out.image_final, targets[f"layer_{final_layer}"].to(device)).cpu())
@@ -474,36 +481,3 @@ def evaluate(model, test, cache, layers, final_layer, device, autocast=None, chu
 def _barrier(d: Dist) -> None:
     if d.enabled:
         torch.distributed.barrier()
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _gather_rng(d: Dist) -> dict[str, torch.Tensor]:
-    """Every rank's RNG state (dropout), gathered on rank 0 as ``rng.rank{r}.{cpu,cuda}``."""
-    mine = {k: v.numpy().tobytes() for k, v in _rng_state(d.device).items()}
-    states = [mine]
-    if d.enabled:
-        states = [None] * d.world_size
-        torch.distributed.all_gather_object(states, mine)
-    return {f"rng.rank{r}.{k}": torch.frombuffer(bytearray(v), dtype=torch.uint8)
-            for r, s in enumerate(states) for k, v in s.items()}
-
-
-def _restore_rng(tensors: dict, d: Dist, saved_world: int, fallback_seed: int) -> None:
-    key = f"rng.rank{d.rank}.cpu"
-    if saved_world != d.world_size or key not in tensors:
-        # Another process count: the data order still resumes exactly, dropout noise cannot.
-        if d.is_main:
-            print(f"note: checkpoint was written by {saved_world} process(es), now {d.world_size}: "
-                  "dropout RNG reseeded", flush=True)
-        torch.manual_seed(fallback_seed)
-        return
-    torch.set_rng_state(tensors[key].clone())
-    cuda_key = f"rng.rank{d.rank}.cuda"
-    if d.device.type == "cuda" and cuda_key in tensors:
-        torch.cuda.set_rng_state(tensors[cuda_key].clone(), d.device)

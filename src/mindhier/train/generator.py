@@ -19,7 +19,9 @@ nsd_stimuli.hdf5 before MindEye2's 224-px file; ``--stimuli``), refused when too
 tokenizer (mindhier.data.stimuli); ``--crop resize-crop`` is the paper's random-crop augmentation
 (mindhier.data.crops). ``--init-switti FILE`` starts the body from a released Switti
 checkpoint (the paper's stage 2 is "pretrained by Switti") and prints what was loaded and what
-was re-initialised.
+was re-initialised. ``--sessions`` trains on some scan sessions only, the encoder's
+(mindhier.train.sessions; Table S2 is ``--sessions 1``); ``--averaging`` says how the sample
+grid uses the test repetitions.
 
 OUT/generator.{safetensors,json}   model + optimizer (``--resume`` continues exactly)
 OUT/tokens.safetensors             the training images' token pyramids (computed once; not with crops)
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 
 from mindhier.checkpoint import check_config, load_checkpoint, load_state_strict, paths_for, save_checkpoint
 from mindhier.config import diff_configs, get_preset, to_dict
-from mindhier.data import SubjectIndex, TestSet, TrainTrials, data_manifest, diff_manifests, stimuli
+from mindhier.data import SubjectIndex, TestSet, averaging, data_manifest, diff_manifests, stimuli
 from mindhier.data.crops import CROP_MODES, ResizeCrop, token_mode
 from mindhier.encoder import load_encoder
 from mindhier.errors import MindhierError
@@ -55,8 +57,9 @@ from mindhier.reconstruct import (
 )
 from mindhier.sampling import SamplingSettings, reconstruct
 from mindhier.tokenizer import load_tokenizer
-from mindhier.train import common
+from mindhier.train import common, sessions
 from mindhier.train.distributed import Dist, all_reduce_mean, distributed_session, split_global_batch
+from mindhier.train.fsdp import full_weights, optimizer_tensors, parallelize, restore_optimizer, state_options
 
 CHECKPOINT = "generator"
 
@@ -75,9 +78,11 @@ class TrainSettings:
     seed: int
     precision: str
     crop: str = "none"
+    nsd_sessions: tuple[int, ...] | None = None  # --sessions, numbered from 1 (None: all); mindhier.train.sessions
 
 
-LEGACY_TRAIN = {"crop": "none"}  # what checkpoints written before a setting existed trained with
+# What checkpoints written before a setting existed trained with (compared on --resume).
+LEGACY_TRAIN = {"crop": "none", "nsd_sessions": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,11 +111,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="augmentation (paper appendix E): resize-crop = Resize(size*576/512, Lanczos) then a random "
                         "size x size crop from (seed, step, sample), as the official code; none = whole images")
     stimuli.add_arguments(p)
+    sessions.add_argument(p)
+    averaging.add_argument(p, "the sample grid (recorded in the checkpoint)")
     p.add_argument("--init-switti", default=None, help="start from released Switti weights (.safetensors)")
     p.add_argument("--init", default=None,
                    help="start from a mindhier generator checkpoint, e.g. the foundation generator that "
                         "`pretrain-generator` trained on the corpus (its config is used; it must have been "
-                        "pretrained on the encoder's vision model and layers and on --tokenizer)")
+                        "pretrained on the encoder's vision model and layers and on --tokenizer), or another "
+                        "subject's stage-2 generator (the new-subject recipe, docs/new_subject.md)")
     add_loop_arguments(p, sample_every=500, sample_what="test images")
 
 
@@ -137,72 +145,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Multi-process wrapping
-# ---------------------------------------------------------------------------------------------
-
-def parallelize(model: ScaleAwareGenerator, d: Dist, how: str) -> torch.nn.Module:
-    """FSDP2 (each block its own unit, then the root) or DDP; the model itself when alone."""
-    if not d.enabled:
-        return model
-    if how == "fsdp":
-        import warnings
-
-        from torch.distributed.fsdp import fully_shard
-
-        # The logits are a view of the head's matmul output; nothing modifies them in place.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    ids = [d.device.index] if d.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-@contextlib.contextmanager
-def full_weights(model: torch.nn.Module):
-    """Gather FSDP-sharded weights for code outside ``forward`` (sampling); every rank enters."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-    try:
-        yield model
-    finally:
-        for unit in units:
-            unit.reshard()
-
-
-def state_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
-def optimizer_tensors(model, opt) -> tuple[dict, dict]:
-    """Full (unsharded) optimizer state as flat tensors ``optim.{param}.{name}`` + JSON groups."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    sd = get_optimizer_state_dict(model, opt, options=state_options(cpu_offload=True))
-    tensors = {f"optim.{fqn}.{name}": v for fqn, st in sd.get("state", {}).items() for name, v in st.items()}
-    return tensors, {"param_groups": sd.get("param_groups", [])}
-
-
-def restore_optimizer(model, opt, tensors: dict, info: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            fqn, name = key[len("optim."):].rsplit(".", 1)
-            state.setdefault(fqn, {})[name] = value
-    set_optimizer_state_dict(model, opt, {"state": state, "param_groups": info["param_groups"]},
-                             options=state_options())
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
@@ -223,17 +165,19 @@ class Trainer:
     def _load_frozen(self) -> None:
         a = self.args
         index = SubjectIndex(a.data, a.subject)
-        self.train = TrainTrials(a.data, a.subject, index=index)
-        self.test = TestSet(a.data, a.subject, policy="average", index=index, expected_voxels=self.train.num_voxels)
+        self.train = sessions.training_trials(a.data, a.subject, sessions.parse(a.sessions), index)
+        self.test = TestSet(a.data, a.subject, policy=averaging.dataset_policy(a.averaging), index=index,
+                            expected_voxels=self.train.num_voxels)
         self.images = stimuli.open_largest(a.data, a.stimuli)  # full-size stimuli when the data holds them
         stimuli.check_covers(self.images, np.concatenate([self.train.image_indices, self.test.image_indices]))
         self.encoder, self.enc_meta = load_encoder(a.encoder, num_voxels=self.train.num_voxels, subject=a.subject,
                                                    device=self.device)
         self.encoder.requires_grad_(False)
+        sessions.check_same_sessions(self.enc_meta, sessions.trained_on(self.train), a.encoder)
         self.tokenizer = load_tokenizer(a.tokenizer, device=self.device).requires_grad_(False)
         self.tok_meta = load_checkpoint(a.tokenizer, kind="tokenizer")[1]
         self.stimuli = stimuli.check_resolution(self.images, self.tokenizer.image_size, a.allow_upsampled_stimuli)
-        self.manifest = data_manifest(a.data, [a.subject])
+        self.manifest = data_manifest(a.data, [a.subject], sessions=sessions.trained_on(self.train))
         if len(self.train) < a.global_batch:
             raise MindhierError(f"subject {a.subject} has {len(self.train)} training trials, fewer than "
                                 f"--global-batch {a.global_batch}; lower the batch")
@@ -256,7 +200,8 @@ class Trainer:
         self.cfg = self._generator_config()
         self.settings = TrainSettings(subject=a.subject, steps=a.steps, global_batch=a.global_batch, lr=a.lr,
                                       weight_decay=a.weight_decay, warmup=a.warmup, grad_clip=a.grad_clip,
-                                      seed=a.seed, precision=a.precision, crop=getattr(a, "crop", "none"))
+                                      seed=a.seed, precision=a.precision, crop=getattr(a, "crop", "none"),
+                                      nsd_sessions=sessions.parse(getattr(a, "sessions", None)))
         self.cropper = (ResizeCrop(self.tokenizer.image_size, tuple(self.images.image_size), a.seed)
                         if self.settings.crop == "resize-crop" else None)
         torch.manual_seed(a.seed)
@@ -285,6 +230,7 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
     def _meta(self) -> dict:
         return {"subject": self.args.subject, "num_voxels": self.train.num_voxels,
+                "nsd_sessions": sessions.trained_on(self.train), "averaging": self.args.averaging,
                 "encoder": checkpoint_identity(self.enc_meta), "tokenizer": checkpoint_identity(self.tok_meta),
                 "encoder_path": str(self.args.encoder), "tokenizer_path": str(self.args.tokenizer),
                 "train": to_dict(self.settings), "data_manifest": self.manifest, "stimuli": self.stimuli,
@@ -445,7 +391,8 @@ class Trainer:
         bar.close()
 
     def _describe_data(self) -> str:
-        return (f"train-generator: subject {self.args.subject}, {len(self.train)} trials, "
+        return (f"train-generator: subject {self.args.subject}, {len(self.train)} trials of sessions "
+                f"{self.args.sessions or 'all'}, "
                 f"{stimuli.describe(self.stimuli)}, crop {self.settings.crop}")
 
     def _optimizer_step(self, guard: dict) -> dict:
