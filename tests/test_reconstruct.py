@@ -141,3 +141,38 @@ def test_two_processes_give_the_same_images(trained):
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.equal(load_file(str(one / "recons.safetensors"))["recons"],
                        load_file(str(two / "recons.safetensors"))["recons"])
+
+
+def test_lowlevel_blend_makes_mindhier_dagger_rows(trained, capsys):
+    """`--lowlevel CKPT` (MindHier†): every set is the plain reconstruction blended with the
+    low-level image of the same voxels (0.55 / 0.45 by default), settings.json says MindHier†,
+    evaluate's table states it, and a table mixing MindHier and MindHier† is refused."""
+    from mindhier.data import TestSet
+    from mindhier.lowlevel import blend, load_lowlevel, predict
+
+    low_out = trained["root"] / "lowlevel"
+    assert cli_main(["train-lowlevel", "--data", str(trained["world"]), "--out", str(low_out), "--steps", "60",
+                     "--preset", "tiny", "--batch", "16", "--warmup", "2"]) == 0
+    plain, dagger = trained["root"] / "plain", trained["root"] / "dagger"
+    every = ("--candidates", "2", "--coarse-to-fine", "0", "--limit", "20")  # evaluate scores all test images
+    assert cli_main(recon_args(trained, plain, *every)) == 0
+    assert cli_main(recon_args(trained, dagger, *every, "--lowlevel", str(low_out / "lowlevel"))) == 0
+    test = TestSet(trained["world"], 1, policy="average")
+    low = predict(load_lowlevel(low_out / "lowlevel")[0], torch.stack([test[i]["voxels"] for i in range(len(test))]))
+    for name in ("recons.safetensors", "recons_single-shot.safetensors"):
+        expected = blend(load_file(str(plain / name))["recons"], low, 0.45)
+        torch.testing.assert_close(load_file(str(dagger / name))["recons"], expected, rtol=0, atol=1e-6)
+    settings = json.loads((dagger / "settings.json").read_text())
+    assert settings["method"] == "MindHier†" and settings["lowlevel"]["blend_weight"] == 0.45
+    assert json.loads((plain / "settings.json").read_text())["method"] == "MindHier"
+    assert settings["chosen"] == json.loads((plain / "settings.json").read_text())["chosen"]  # ranked unblended
+
+    evaluate = ["evaluate", "--images", str(trained["world"]), "--force"]
+    assert cli_main([*evaluate, "--recons", f"s1={dagger / 'recons.safetensors'}", "--out", str(dagger / "eval")]) == 0
+    assert "MindHier† (0.55 * reconstruction + 0.45 * low-level image" in (dagger / "eval" / "metrics.md").read_text()
+    mixed = [*evaluate, "--recons", f"a={plain / 'recons.safetensors'}", f"b={dagger / 'recons.safetensors'}",
+             "--out", str(dagger / "mixed")]
+    assert cli_main(mixed) == 2
+    assert "mixes methods" in capsys.readouterr().err
+    assert cli_main(recon_args(trained, trained["root"] / "w", "--blend-weight", "0.3")) == 2
+    assert "--blend-weight needs --lowlevel" in capsys.readouterr().err

@@ -401,7 +401,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mindhier.demo_release import regression_metrics, release, write_model_cards
+    from mindhier.demo_release import held_out_record, regression_metrics, release, write_model_cards
     from mindhier.demo_report import evaluate_and_report
 
     recipe = RECIPES[args.recipe]
@@ -442,6 +442,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_and_report(world, args.subject, ck, recon_dir, out, recipe, timer, device=args.device,
                                  reader=world_reader(reader, recipe))
     if args.release:
+        report["metrics"]["held_out"] = held_out_record(recon_dir, argv)
         report["metrics"]["regression"] = regression_metrics(world, args.subject, ck, out / "regression", recipe,
                                                              args.device)
         write_model_cards(ck, timer.seconds, report["metrics"], args.recipe)

@@ -51,14 +51,57 @@ def regression_metrics(world: Path, subject: int, ck: dict[str, Path], out: Path
     metrics = pixel_metrics() + offline_metrics(lambda x: vision.image_embedding(x))
     values = evaluate_reconstructions(recons["recons"].float(), gts, metrics=metrics)["values"]
     images = recons["recons"].float().contiguous().numpy().tobytes()
-    pinned = argv  # what must not change: every option but where the files are
-    for flag in ("--data", "--out", "--encoder", "--tokenizer", "--generator", "--vision"):
-        pinned = with_option(pinned, flag, flag.strip("-").upper())
     return {"images": [int(i) for i in recons["image_index"]], "command": "mindhier " + shlex.join(argv),
-            "pinned_command": "mindhier " + shlex.join(pinned),
+            "pinned_command": pinned_command(argv),
             **{k: v for k, v in values.items() if v is not None}, "tolerance": REGRESSION_TOLERANCE,
             "recons_sha256": hashlib.sha256(images).hexdigest(), "platform": platform_fingerprint(),
             "world": data_manifest(world, [subject], full=True)}  # every file hashed whole
+
+
+def pinned_command(argv: list[str]) -> str:
+    """What must not change between the release and its recomputation: every option but where the files are."""
+    for flag in ("--data", "--out", "--encoder", "--tokenizer", "--generator", "--vision"):
+        argv = with_option(argv, flag, flag.strip("-").upper())
+    return "mindhier " + shlex.join(argv)
+
+
+# The model cards' held-out rows (every test image, single-shot and best-of-N: the metrics and the
+# world reader's attribute rates) are recomputed from the released files by the release test:
+# exactly where the platform is the release's (the same images, by hash), elsewhere each metric's
+# mean within HELD_OUT_TOLERANCE (a few flipped tokens move a 300-image mean by about the seed-to-
+# seed spread, ≈ 0.01-0.03 as ablation_check.json records for the reader) and each attribute rate
+# inside its recorded 95 % interval.
+HELD_OUT_TOLERANCE = 0.03
+
+
+def held_out_record(recon_dir: Path, argv: list[str]) -> dict:
+    """How the card's held-out rows were made: the pinned command, the platform, each set's hash."""
+    from mindhier.ablation_check import images_sha256
+    from mindhier.run_report import read_recon_folder
+    from mindhier.runtime import platform_fingerprint
+
+    recon = read_recon_folder(recon_dir)
+    return {"pinned_command": pinned_command(argv), "platform": platform_fingerprint(),
+            "recons_sha256": {label: images_sha256(images.float()) for label, images in recon.sets.items()},
+            "tolerance": HELD_OUT_TOLERANCE}
+
+
+def held_out_rows(world: Path, subject: int, ck: dict[str, Path], out: Path, recipe: Recipe, reader: Path,
+                  device: str = "auto") -> dict:
+    """The card's MindHier rows recomputed from the checkpoints in ``ck``: every test image
+    reconstructed by the recipe's command, scored and read as the demo's report does."""
+    from mindhier.demo_report import load_test_images, method_rows, reader_attribute_rates, score_rows
+    from mindhier.run_report import read_recon_folder
+    from mindhier.runtime import resolve_device
+
+    argv = reconstruct_argv(world, subject, ck, out, recipe, device)
+    run_command(argv)
+    recon = read_recon_folder(out)
+    gts = load_test_images(world, subject, recon.image_index)
+    rows, dev = method_rows(recon), resolve_device(device)
+    shown = reader_attribute_rates(reader, world, subject, rows, gts, recon.image_index, dev)
+    return {"reconstruction": score_rows(ck["vision"], rows, gts, dev),
+            "attributes": {name: rates for name, rates in shown if name in rows}, **held_out_record(out, argv)}
 
 
 RELEASE_DTYPE = torch.bfloat16  # halves the committed size (≤ 50 MB in all); loaders upcast on load

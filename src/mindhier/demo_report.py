@@ -193,23 +193,41 @@ def _mean_rowcorr(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)).mean())
 
 
+def method_rows(recon) -> dict[str, torch.Tensor]:
+    """The reconstruct folder's sets as the report's rows ("MindHier, single-shot" first; MindHier†
+    when a low-level image was blended in)."""
+    from mindhier.lowlevel import method_name
+
+    return {f"{method_name(recon.settings)}, {label}": images for label, images in recon.sets.items()}
+
+
+def score_rows(vision_path: Path, rows: dict[str, torch.Tensor], gts: torch.Tensor, dev: torch.device) -> dict:
+    """Every offline metric of every row (the report's table; the release test's recomputation)."""
+    from mindhier.evaluate import evaluate_reconstructions
+    from mindhier.metrics import offline_metrics, pixel_metrics
+    from mindhier.vision import load_vision
+
+    vision = load_vision(vision_path, device=dev)
+    metrics = pixel_metrics() + offline_metrics(lambda x: vision.image_embedding(x.to(dev)))
+    return {name: evaluate_reconstructions(recons.float(), gts, metrics=metrics, device=dev)["values"]
+            for name, recons in rows.items()}
+
+
 def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, out: Path, recipe, timer,
                         device: str = "auto", reader: Path | None = None) -> dict:
     """Score every row, read what it shows (the world reader when ``reader`` is given, else the
     linear probes of `mindhier.world.attributes`) and write the report."""
-    from mindhier.evaluate import evaluate_reconstructions
-    from mindhier.metrics import offline_metrics, pixel_metrics
     from mindhier.run_report import read_recon_folder, write_reconstruction_report
+    from mindhier.runtime import resolve_device
     from mindhier.tokenizer import load_tokenizer
     from mindhier.vision import load_vision
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     recon = read_recon_folder(recon_dir)
     image_index, settings_json = recon.image_index, recon.settings
     gts = load_test_images(world, subject, image_index)
-    rows = {f"MindHier, {label}": images for label, images in recon.sets.items()}  # single-shot first
-    main_name = f"MindHier, {recon.primary}"
+    rows = method_rows(recon)
+    main_name = next(name for name in rows if name.endswith(f", {recon.primary}"))
     tokenizer = load_tokenizer(ck["tokenizer"], device=dev)
     rows["Ceiling: generator on true vision features"] = timer.run(
         "ceiling (true features)", true_feature_ceiling, ck, world, subject, gts, image_index, settings_json, dev)
@@ -217,17 +235,13 @@ def evaluate_and_report(world: Path, subject: int, ck: dict, recon_dir: Path, ou
                                                           gts.to(dev)).cpu()
     rows["Floor: ridge voxels → pixels"] = timer.run("floor (ridge)", ridge_floor, world, subject, image_index,
                                                      gts.shape[-1])
-    vision = load_vision(ck["vision"], device=dev)
-    metrics = pixel_metrics() + offline_metrics(lambda x: vision.image_embedding(x.to(dev)))
-    scored = {}
-    for name, recons in rows.items():
-        result = timer.run("evaluate", evaluate_reconstructions, recons.float(), gts, metrics=metrics, device=dev)
-        scored[name] = result["values"]
+    scored = timer.run("evaluate", score_rows, ck["vision"], rows, gts, dev)
     if reader is not None:
         shown = timer.run("world reader", reader_attribute_rates, reader, world, subject, rows, gts, image_index, dev)
         attribute_table = {"key": "attributes", "title": "What the reconstructions show", "intro": READER_INTRO,
                            "rows": shown, "columns": READER_COLUMNS}
     else:
+        vision = load_vision(ck["vision"], device=dev)
         shown = timer.run("attribute probes", attribute_rates, world, subject, rows, gts, image_index, tokenizer,
                           vision, dev)
         attribute_table = {"key": "attributes", "title": "What the reconstructions show", "intro": ATTRIBUTE_INTRO,

@@ -240,7 +240,7 @@ def check_pair(recons: torch.Tensor, gts: torch.Tensor, recons_path, images_path
 # tables
 
 
-SETTING_KEYS = ("split", "averaging", "sampling", "subjects")
+SETTING_KEYS = ("method", "split", "averaging", "sampling", "subjects")
 
 
 def average_row(rows: dict[str, dict]) -> dict:
@@ -284,9 +284,10 @@ def metrics_markdown(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recons", action="append", required=True, metavar="[NAME=]PATH",
-                        help="reconstructions (.safetensors key 'recons', .pt, or an image folder); repeat as "
-                             "subj01=PATH subj02=PATH ... for per-subject rows and their average")
+    parser.add_argument("--recons", action="extend", nargs="+", required=True, metavar="[NAME=]PATH",
+                        help="reconstructions (.safetensors key 'recons', .pt, or an image folder); several as "
+                             "--recons subj01=PATH subj02=PATH ... (or --recons repeated) for per-subject rows "
+                             "and their average")
     parser.add_argument("--images", required=True, metavar="GT",
                         help="ground truth: a tensor file (key 'images') or a MindEye2-layout data root")
     parser.add_argument("--out", required=True, help="output folder for metrics.json and metrics.md")
@@ -345,6 +346,26 @@ def state_averaging(recon_paths: dict[str, str], setting: dict) -> None:
         setting["averaging"] = policy
 
 
+def state_method(recon_paths: dict[str, str], setting: dict) -> None:
+    """MindHier or MindHier† (a low-level image blended in, `reconstruct --lowlevel`), as the
+    settings.json beside the reconstructions records; one table never mixes the two."""
+    from mindhier.lowlevel import method_name
+
+    methods = {}
+    for name, path in recon_paths.items():
+        settings = Path(path).parent / "settings.json"
+        if settings.is_file():
+            record = json.loads(settings.read_text())
+            methods[name] = method_name(record)
+            if record.get("lowlevel"):
+                methods[name] += f" ({record['lowlevel']['rule']})"
+    if len(set(methods.values())) > 1:
+        raise EvaluationError("--recons mixes methods: " + "; ".join(f"{n}: {m}" for n, m in methods.items())
+                              + ". Score MindHier and MindHier† (reconstruct --lowlevel) in separate tables")
+    if methods:
+        setting.setdefault("method", next(iter(methods.values())))
+
+
 def load_vision_embedder(path: str | None):
     """(embed, reason): the in-project CLIP's image embedding, or why it is unavailable."""
     if path is None:
@@ -367,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
     recon_paths = parse_pairs(args.recons, "--recons", allow_bare=True)
     setting = parse_pairs(args.setting, "--setting")
     state_averaging(recon_paths, setting)
+    state_method(recon_paths, setting)
     embed, vision_reason = load_vision_embedder(args.vision)
     metrics = suite.default_metrics(args.weights_dir, args.clip_dir, embed, vision_reason,
                                     allow_unpublished=args.allow_unpublished_weights)

@@ -224,3 +224,22 @@ def blend(recons: torch.Tensor, lowlevel: torch.Tensor, weight: float = OFFICIAL
                             f"{tuple(lowlevel.shape)}: both must be (B, 3, H, W) with the same B")
     low = upsample(lowlevel.to(recons.device), tuple(recons.shape[-2:]))
     return ((1 - weight) * recons.float() + weight * low).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# MindHier† in a reconstruction (mindhier reconstruct --lowlevel)
+# ---------------------------------------------------------------------------------------------
+
+METHOD, METHOD_DAGGER = "MindHier", "MindHier†"
+
+
+def method_name(settings: dict) -> str:
+    """The row label a reconstruct folder's settings.json earns: † when a low-level image was blended in."""
+    return METHOD_DAGGER if settings.get("lowlevel") else METHOD
+
+
+def blend_record(path, meta: dict, weight: float) -> dict:
+    """What settings.json records of the blend, so every table can say the row is †."""
+    return {"checkpoint": str(path), "config_hash": meta.get("config_hash"), "git_commit": meta.get("git_commit"),
+            "blend_weight": weight, "upsampling": "bilinear",
+            "rule": f"{1 - weight:g} * reconstruction + {weight:g} * low-level image (after best-of-N ranking)"}

@@ -70,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32"), help="auto: bf16 autocast where fast")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT/recons.safetensors")
+    p.add_argument("--lowlevel", default=None,
+                   help="MindHier† (the paper's Table 1 rows marked †): blend every reconstruction with the blurry "
+                        "image of this `mindhier train-lowlevel` checkpoint, after best-of-N ranking; the results "
+                        "are labelled MindHier† in settings.json and every table made from them")
+    p.add_argument("--blend-weight", type=float, default=None,
+                   help="weight w of the low-level image: (1 - w) * reconstruction + w * low-level (default 0.45, "
+                        "the official notebook's); needs --lowlevel")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +97,7 @@ def _run(args, d) -> None:
                                          subject=args.subject, device=d.device, precision=args.precision)
     test = TestSet(args.data, args.subject, policy=averaging.dataset_policy(args.averaging))
     pipeline.check_voxel_count(test.num_voxels, f"{args.data} (subject {args.subject})")
+    low = _load_lowlevel(args, test.num_voxels, pipeline, d.device)  # before sampling: fail early
     settings = SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, cfg_off_from=args.cfg_off_from,
                                 seed=args.seed, num_candidates=args.candidates)
     if args.candidates > 1:
@@ -103,6 +111,8 @@ def _run(args, d) -> None:
         ids = [int(test.image_indices[i]) for i in rows]
         rec = pipeline(voxels, image_ids=ids, **dataclasses.asdict(settings), batch_size=len(rows),
                        return_scales=any(i < args.coarse_to_fine for i in rows))
+        if low is not None:
+            rec = _blended(rec, voxels, *low)
         results.update(_per_image(rec, rows, args.coarse_to_fine))
     gathered = [results]
     if d.enabled:
@@ -110,7 +120,30 @@ def _run(args, d) -> None:
         torch.distributed.all_gather_object(gathered, results)
     if d.is_main:
         merged = {k: v for part in gathered for k, v in part.items()}
-        _write_outputs(out, merged, n, settings, args, pipeline.metadata["generator"])
+        _write_outputs(out, merged, n, settings, args, pipeline.metadata["generator"], low[2] if low else None)
+
+
+def _load_lowlevel(args, num_voxels: int, pipeline, device):
+    """(decoder, weight, settings record) for --lowlevel, or None; refuses --blend-weight alone."""
+    from mindhier.lowlevel import OFFICIAL_BLEND_WEIGHT, blend_record, check_blend_weight, load_lowlevel
+
+    if args.lowlevel is None:
+        if args.blend_weight is not None:
+            raise MindhierError("--blend-weight needs --lowlevel CKPT (a `mindhier train-lowlevel` checkpoint)")
+        return None
+    weight = check_blend_weight(OFFICIAL_BLEND_WEIGHT if args.blend_weight is None else args.blend_weight)
+    model, meta = load_lowlevel(args.lowlevel, num_voxels=num_voxels, subject=args.subject,
+                                data_manifest=pipeline.metadata["encoder"].get("data_manifest"), device=device)
+    return model, weight, blend_record(args.lowlevel, meta, weight)
+
+
+def _blended(rec: PipelineOutput, voxels: torch.Tensor, model, weight: float, record: dict) -> PipelineOutput:
+    """MindHier†: every set blended with the low-level image of the same voxels (ranking stays the
+    generator's own; the coarse-to-fine strips show the generator's scales, unblended)."""
+    from mindhier.lowlevel import blend, predict
+
+    low = predict(model, voxels.to(next(model.parameters()).device)).cpu()
+    return dataclasses.replace(rec, images=blend(rec.images, low, weight), single_shot=blend(rec.single_shot, low, weight))
 
 
 def _per_image(rec: PipelineOutput, rows, coarse_to_fine: int) -> dict:
@@ -127,10 +160,12 @@ def _per_image(rec: PipelineOutput, rows, coarse_to_fine: int) -> dict:
     return out
 
 
-def _write_outputs(out: Path, merged: dict, n: int, settings: SamplingSettings, args, gen_meta: dict) -> None:
+def _write_outputs(out: Path, merged: dict, n: int, settings: SamplingSettings, args, gen_meta: dict,
+                   lowlevel: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     from mindhier.checkpoint import honour_umask
+    from mindhier.lowlevel import method_name
     from mindhier.report import image_grid, to_uint8
 
     if sorted(merged) != list(range(n)):
@@ -158,6 +193,7 @@ def _write_outputs(out: Path, merged: dict, n: int, settings: SamplingSettings, 
         "checkpoints": {"encoder": str(args.encoder), "tokenizer": str(args.tokenizer), "generator": str(args.generator),
                         "generator_identity": checkpoint_identity(gen_meta)},
         "data": str(args.data), "subject": args.subject, "split": "test (shared1000 / world test images)",
+        "method": method_name({"lowlevel": lowlevel}), "lowlevel": lowlevel,
         "averaging": args.averaging, "averaging_note": averaging.DESCRIPTIONS[args.averaging], "n_images": n,
         "sampling": dataclasses.asdict(settings), "labels": labels, "primary": primary,
         "seeds": "per image: SeedSequence([seed, image_index, candidate])", "routing": gen_meta["config"]["routing"],

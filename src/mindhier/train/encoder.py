@@ -56,7 +56,7 @@ from mindhier.encoder.targets import (
     check_cached_layers, layer_map, required_keys, text_variant_name,
 )
 from mindhier.errors import MindhierError
-from mindhier.train import common, sessions
+from mindhier.train import common, recipes, sessions
 from mindhier.train.distributed import Dist, all_reduce_mean, distributed_session, split_global_batch
 
 CHECKPOINT = "encoder"
@@ -99,13 +99,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frozen vision model: a train-vision output (folder or checkpoint) or a local HF CLIP folder")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="encoder size")
     p.add_argument("--out", required=True, help="output folder (checkpoint, log.jsonl, metrics.jsonl, curves.png)")
-    p.add_argument("--epochs", type=int, default=20, help="passes over every training trial (paper: 300)")
-    p.add_argument("--global-batch", type=int, default=64, help="samples per optimiser step, all processes together (paper: 512)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=recipes.recipe_help("encoder", "epochs", "passes over every training trial"))
+    p.add_argument("--global-batch", type=int, default=None,
+                   help=recipes.recipe_help("encoder", "global_batch", "samples per optimiser step, all processes together"))
     p.add_argument("--max-micro-batch", type=int, default=None,
                    help="largest per-process batch in memory; larger ones are split and accumulated")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (paper: 1e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (none on biases/norms)")
-    p.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of all steps, then cosine decay")
+    p.add_argument("--lr", type=float, default=None, help=recipes.recipe_help("encoder", "lr", "peak learning rate"))
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help=recipes.recipe_help("encoder", "weight_decay", "AdamW weight decay (none on biases/norms)"))
+    p.add_argument("--warmup", type=float, default=None,
+                   help=recipes.recipe_help("encoder", "warmup", "warmup as a fraction of all steps, then cosine decay"))
+    recipes.add_recipe_argument(p, "encoder")
     p.add_argument("--supervision", default="hierarchical", choices=SUPERVISIONS,
                    help="paper Table 2: every level (full), final level only, or a single feature")
     p.add_argument("--layer-map", default="default", choices=LAYER_MAP_CHOICES,
@@ -142,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
 class Trainer:
     def __init__(self, args: argparse.Namespace, d: Dist):
+        recipes.resolve(args, "encoder")  # the schedule flags left out take the --recipe's values
         self.args, self.d, self.device = args, d, d.device
         self.out = Path(args.out)
         self.ckpt = self.out / CHECKPOINT
@@ -272,6 +278,7 @@ class Trainer:
             "num_voxels": self.num_voxels, "subject": self.args.subject,
             "nsd_sessions": sessions.trained_on(self.train), "init": self.init_record,
             "vision": self.vision_info, "train": to_dict(self.settings),
+            "recipe": {"name": self.args.recipe, "sources": self.args.recipe_sources},
             "data_manifest": self.manifest,
             "progress": {"step": self.step, "epoch": epoch, "total_steps": self.total_steps,
                          "world_size": self.d.world_size, "epoch_sums": self.epoch_sums},

@@ -57,7 +57,7 @@ from mindhier.reconstruct import (
 )
 from mindhier.sampling import SamplingSettings, reconstruct
 from mindhier.tokenizer import load_tokenizer
-from mindhier.train import common, sessions
+from mindhier.train import common, recipes, sessions
 from mindhier.train.distributed import Dist, all_reduce_mean, distributed_session, split_global_batch
 from mindhier.train.fsdp import full_weights, optimizer_tensors, parallelize, restore_optimizer, state_options
 
@@ -96,20 +96,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which fMRI level each scale reads: the paper's coarse-to-fine, its inverted "
                         "ablation (Table 4), e_M only (Table 2), or everything")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (paper: 9k at batch 80)")
-    p.add_argument("--global-batch", type=int, default=32, help="samples per step over all processes (paper: 80)")
+    p.add_argument("--steps", type=int, default=None, help=recipes.recipe_help("generator", "steps", "optimiser steps"))
+    p.add_argument("--global-batch", type=int, default=None,
+                   help=recipes.recipe_help("generator", "global_batch", "samples per step over all processes"))
     p.add_argument("--max-micro-batch", type=int, default=None, help="largest per-process forward; above it, accumulate")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (paper: 1e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases/norms)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of zeroing a sample's voxels (CFG)")
+    p.add_argument("--lr", type=float, default=None, help=recipes.recipe_help("generator", "lr", "peak learning rate"))
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help=recipes.recipe_help("generator", "weight_decay", "AdamW weight decay (none on biases/norms)"))
+    p.add_argument("--warmup", type=int, default=None,
+                   help=recipes.recipe_help("generator", "warmup", "linear warmup steps, then cosine decay"))
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help=recipes.recipe_help("generator", "grad_clip", "gradient-norm clipping"))
+    p.add_argument("--cond-drop", type=float, default=None,
+                   help=recipes.recipe_help("generator", "cond_drop", "probability of zeroing a sample's voxels (CFG)"))
     p.add_argument("--tokens", default=None, choices=("cached", "on-the-fly"),
                    help="tokenize the training images once (OUT/tokens.safetensors; the default without crops) "
                         "or every step (the default, and the only way, with --crop resize-crop)")
-    p.add_argument("--crop", default="none", choices=CROP_MODES,
-                   help="augmentation (paper appendix E): resize-crop = Resize(size*576/512, Lanczos) then a random "
-                        "size x size crop from (seed, step, sample), as the official code; none = whole images")
+    p.add_argument("--crop", default=None, choices=CROP_MODES,
+                   help=recipes.recipe_help("generator", "crop", "augmentation (paper appendix E): resize-crop = "
+                                            "Resize(size*576/512, Lanczos) then a random size x size crop from "
+                                            "(seed, step, sample), as the official code; none = whole images"))
+    recipes.add_recipe_argument(p, "generator")
     stimuli.add_arguments(p)
     sessions.add_argument(p)
     averaging.add_argument(p, "the sample grid (recorded in the checkpoint)")
@@ -150,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
 class Trainer:
     def __init__(self, args: argparse.Namespace, d: Dist):
+        recipes.resolve(args, "generator")  # the schedule flags left out take the --recipe's values
         self.args, self.d, self.device = args, d, d.device
         self.out = Path(args.out)
         self.ckpt = self.out / CHECKPOINT
@@ -231,6 +239,7 @@ class Trainer:
     def _meta(self) -> dict:
         return {"subject": self.args.subject, "num_voxels": self.train.num_voxels,
                 "nsd_sessions": sessions.trained_on(self.train), "averaging": self.args.averaging,
+                "recipe": {"name": getattr(self.args, "recipe", None), "sources": self.args.recipe_sources},
                 "encoder": checkpoint_identity(self.enc_meta), "tokenizer": checkpoint_identity(self.tok_meta),
                 "encoder_path": str(self.args.encoder), "tokenizer_path": str(self.args.tokenizer),
                 "train": to_dict(self.settings), "data_manifest": self.manifest, "stimuli": self.stimuli,
