@@ -69,7 +69,7 @@ def test_reconstructions_get_the_umask_mode(tmp_path, umask):
     image = torch.rand(3, 8, 8)
     merged = {r: {"image_index": i, "single-shot": image, "best-of-2": image, "chosen": 0}
               for r, i in enumerate((5, 9))}
-    args = argparse.Namespace(encoder="e", tokenizer="t", generator="g", data="d", subject=1)
+    args = argparse.Namespace(encoder="e", tokenizer="t", generator="g", data="d", subject=1, averaging="voxels")
     _write_outputs(tmp_path, merged, 2, SamplingSettings(num_candidates=2), args, {"config": {"routing": "r"}})
     expected = 0o666 & ~umask
     written = sorted(tmp_path.glob("*.safetensors"))
