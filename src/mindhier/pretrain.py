@@ -75,8 +75,12 @@ RECIPES: dict[str, PretrainRecipe] = {
         generator=("--preset", "demo", "--steps", "1800", "--global-batch", "32", "--lr", "1e-3",
                    "--warmup", "100", "--save-every", "200", "--sample-every", "400"),
         # The first round ended at loss 6.5 still falling; the second sees other samples (seed 1).
+        # Round 2 (4000 steps in all) lifted the oracle's shape rate from 9.7 % to 15.0 % and was
+        # still improving at the end (loss 5.66); round 3 continues it on other samples (seed 2).
         generator_more=(("--preset", "demo", "--steps", "2200", "--global-batch", "32", "--lr", "5e-4",
-                         "--warmup", "100", "--seed", "1", "--save-every", "200", "--sample-every", "400"),),
+                         "--warmup", "100", "--seed", "1", "--save-every", "200", "--sample-every", "400"),
+                        ("--preset", "demo", "--steps", "2000", "--global-batch", "32", "--lr", "5e-4",
+                         "--warmup", "100", "--seed", "2", "--save-every", "200", "--sample-every", "400")),
     ),
     "tiny": PretrainRecipe(
         corpus="tiny", world="tiny",
