@@ -472,3 +472,15 @@ def test_two_gloo_processes_match_one(setup, tmp_path):
     assert meta["progress"]["world_size"] == 2 and meta["progress"]["step"] == N_TRAIN // 16
     assert {"rng.rank0.cpu", "rng.rank1.cpu"} <= set(two)
     assert len(metrics(out)) == 1  # rank 0 alone evaluates and logs
+
+
+def test_the_recipe_fills_the_schedule_and_is_recorded_with_its_sources(setup, tmp_path):
+    """--recipe paper: the schedule flags left out take appendix E's / the official code's values,
+    the ones given win, and the checkpoint says which came from where (mindhier.train.recipes)."""
+    out = tmp_path / "run"
+    assert cli(setup, out, "--stop-after", "1", "--recipe", "paper") == 0
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["recipe"]["name"] == "paper"
+    assert meta["train"]["epochs"] == 2 and meta["recipe"]["sources"]["epochs"] == "command line"
+    assert meta["train"]["weight_decay"] == 0.01 and meta["train"]["warmup"] == pytest.approx(2 / 300)
+    assert meta["recipe"]["sources"]["warmup"].startswith("recipe paper: official brainencoder/train.py")
