@@ -197,7 +197,7 @@ def is_data_root(path: Path) -> bool:
                               or layout.wds_dir(path, 1).parent.is_dir())
 
 
-def test_image_indices(root: str | Path, subject: int) -> np.ndarray:
+def subject_test_images(root: str | Path, subject: int) -> np.ndarray:
     """Unique image indices of the subject's test trials (new_test tar), ascending: the order
     MindEye2 stores reconstructions in."""
     from mindhier.data.readers import read_behav_tar
@@ -209,7 +209,7 @@ def load_test_images(root: str | Path, subject: int) -> torch.Tensor:
     """The subject's test images from a data root (HDF5 images, else the PNG folder)."""
     from mindhier.data.readers import ImageStore
     with ImageStore(root) as store:
-        return torch.from_numpy(store.get(test_image_indices(root, subject)))
+        return torch.from_numpy(store.get(subject_test_images(root, subject)))
 
 
 def load_ground_truth(images: str | Path, subject: int | None) -> torch.Tensor:

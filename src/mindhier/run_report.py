@@ -235,7 +235,7 @@ def scored_label(name: str, run: ReconFolder, result: dict, where: Path) -> str:
 def ground_truth(name: str, run: ReconFolder, images: Path) -> torch.Tensor:
     """The stimuli of ``run``'s images, in its order, from a data folder or a tensor file."""
     from mindhier.data import ImageStore
-    from mindhier.evaluate import is_data_root, load_ground_truth, subject_from_name, test_image_indices
+    from mindhier.evaluate import is_data_root, load_ground_truth, subject_from_name, subject_test_images
 
     if not is_data_root(images):
         gts = load_ground_truth(images, None)
@@ -247,7 +247,7 @@ def ground_truth(name: str, run: ReconFolder, images: Path) -> torch.Tensor:
     if data and Path(data).exists() and not _same(Path(data), images):
         raise ReportError(f"{run.folder / 'settings.json'}: reconstructed from {data}, not --images {images}: "
                           "give the data folder the reconstructions came from")
-    test = test_image_indices(images, subject)
+    test = subject_test_images(images, subject)
     stray = np.setdiff1d(run.image_index, test)
     if len(stray):
         raise ReportError(f"{run.folder / 'recons.safetensors'}: images {stray[:5].tolist()} are not subject "
