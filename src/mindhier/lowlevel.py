@@ -38,7 +38,7 @@ from mindhier.checkpoint import (CheckpointError, load_checkpoint, load_state_st
                                  save_checkpoint)
 from mindhier.config import from_dict
 from mindhier.data.manifest import diff_manifests
-from mindhier.encoder.io import VoxelCountError
+from mindhier.encoder.io import check_voxels as check_encoder_voxels
 from mindhier.errors import MindhierError
 
 KIND = "lowlevel"
@@ -123,14 +123,8 @@ class LowLevelDecoder(nn.Module):
 
 
 def check_voxels(meta: dict, num_voxels: int, subject: int | None, where) -> None:
-    """The encoder's error type (one `except` catches both), with this model's fix."""
-    trained = int(meta["num_voxels"])
-    if trained != int(num_voxels):
-        theirs = f" (subject {subject})" if subject is not None else ""
-        raise VoxelCountError(
-            f"{where} was trained on {trained} voxels (subject {meta.get('subject')}), but the data{theirs} has "
-            f"{num_voxels} voxels; the low-level decoder is subject-specific: pass the one trained on this "
-            f"subject, or train one with `mindhier train-lowlevel --subject {subject or 'N'}`")
+    """The encoder's check and error type (one `except` catches both), with this model's fix."""
+    check_encoder_voxels(meta, num_voxels, subject, where, model="the low-level decoder", command="train-lowlevel")
 
 
 @torch.no_grad()

@@ -25,15 +25,18 @@ class VoxelCountError(MindhierError, ValueError):
     """fMRI data whose voxel count differs from what the encoder was trained on."""
 
 
-def check_voxels(meta: dict, num_voxels: int, subject: int | None, where: str | os.PathLike) -> None:
-    """A clear error when data and checkpoint disagree on the voxel count (another subject?)."""
+def check_voxels(meta: dict, num_voxels: int, subject: int | None, where: str | os.PathLike,
+                 model: str = "an encoder", command: str = "train-encoder") -> None:
+    """A clear error when data and checkpoint disagree on the voxel count (another subject?);
+    ``model``/``command`` name what is subject-specific and how to train one (the low-level
+    decoder of mindhier.lowlevel shares this check)."""
     trained = int(meta["num_voxels"])
     if trained != int(num_voxels):
         trained_on = meta.get("subject")
         raise VoxelCountError(
             f"{where} was trained on {trained} voxels (subject {trained_on}), but the data for "
-            f"subject {subject} has {num_voxels} voxels; an encoder is subject-specific: use the "
-            f"checkpoint trained on subject {subject}, or train one with `mindhier train-encoder "
+            f"subject {subject} has {num_voxels} voxels; {model} is subject-specific: use the "
+            f"checkpoint trained on subject {subject}, or train one with `mindhier {command} "
             f"--subject {subject}`"
         )
 
