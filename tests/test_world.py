@@ -240,6 +240,9 @@ def test_ridge_matches_closed_form_and_brute_force_loo():
         w = np.linalg.solve(xc.T @ xc + alpha * np.eye(p), xc.T @ yc)
         x_new = rng.normal(size=(5, p))
         np.testing.assert_allclose(ridge.predictor(y, 0.5)(x_new), (x_new - x.mean(0)) @ w + y.mean(0), atol=1e-4)
+        kernel = ridge.predictions(x_new, y, [0.5, 2.0])  # the kernel form, several penalties at once
+        np.testing.assert_allclose(kernel[0.5], (x_new - x.mean(0)) @ w + y.mean(0), atol=1e-8)
+        np.testing.assert_allclose(kernel[2.0], ridge.predictor(y, 2.0)(x_new), atol=1e-4)
         loo = ridge.loo_predictions(y, [0.5])[0.5]
         for i in (0, 3):  # leave row i out of everything, centring included, same penalty
             keep = np.arange(n) != i

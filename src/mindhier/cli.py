@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reconstruct": ("mindhier.reconstruct", "reconstruct test images from fMRI"),
     "evaluate": ("mindhier.evaluate", "score reconstructions against their stimuli (MindEye2 metrics)"),
     "report": ("mindhier.run_report", "HTML report of reconstructions and their scores (reconstruct + evaluate outputs)"),
+    "interpret": ("mindhier.interpret", "which encoder block predicts which visual area (appendix D), per voxel and area"),
+    "interpret-summary": ("mindhier.interpret_summary", "interpret over subjects, seeds and supervision: does the hierarchy hold"),
     "curves": ("mindhier.curves", "draw a training run's curves (loss, lr, grad norm, held-out) from its log.jsonl"),
 }
 

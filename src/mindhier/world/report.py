@@ -88,6 +88,17 @@ class Ridge:
         w = self.xc.T @ (self.u @ coef)
         return lambda x_new: ((x_new - self.x_mean) @ w + y_mean).astype(np.float32)
 
+    def predictions(self, x_new: np.ndarray, y: np.ndarray, relative_alphas) -> dict[float, np.ndarray]:
+        """Predictions for ``x_new`` under each penalty, in kernel form: (x_new − mean)·xcᵀ·U·
+        (S² + α)⁻¹·Uᵀ·yc + ȳ. Equal to :meth:`predictor`'s, but never forms the (p, targets)
+        weight matrix: with p ≫ n (every token of a layer) and thousands of voxels that matrix
+        is what would cost the time."""
+        y_mean = y.mean(axis=0)
+        uty = self.u.T @ (y - y_mean)
+        kernel_u = ((x_new - self.x_mean) @ self.xc.T) @ self.u  # (m, r)
+        return {float(rel): kernel_u @ (uty / (self.s2 + self._penalty(rel))[:, None]) + y_mean
+                for rel in relative_alphas}
+
 
 def fit_ridges(x: np.ndarray, targets: dict) -> dict:
     """For each ``name: (y, score)`` choose the penalty maximising ``score(loo_pred, y)``
