@@ -256,3 +256,24 @@ def test_cli_refuses_a_weight_file_that_is_not_the_published_one(tmp_path, capsy
                         lambda *a, **kw: seen.append(kw["allow_unpublished"]) or real(None, None, *a[2:], **kw))
     assert main(argv + ["--allow-unpublished-weights", "--force"]) == 0
     assert seen == [True]
+
+
+def test_shared_reference_features_give_the_same_values_and_run_the_ground_truth_once():
+    calls = []
+
+    def extractor(x):
+        calls.append(len(x))
+        return x.mean(dim=(2, 3))
+
+    metric = suite.FeatureMetric("toy", "toy", "twoway", extractor=extractor)
+    torch.manual_seed(0)
+    gts = torch.rand(6, 3, 16, 16)
+    rows = [torch.rand(6, 3, 16, 16) for _ in range(3)]
+    alone = [evaluate_reconstructions(r, gts, metrics=[metric])["values"]["toy"] for r in rows]
+    calls.clear()
+    reference = suite.ReferenceFeatures()
+    shared = [evaluate_reconstructions(r, gts, metrics=[metric], reference=reference)["values"]["toy"] for r in rows]
+    assert shared == alone
+    assert sum(calls) == 6 * (1 + 3)  # the ground truth once, each row once
+    with pytest.raises(ValueError, match="other ground-truth images"):
+        evaluate_reconstructions(rows[0], torch.rand(6, 3, 16, 16), metrics=[metric], reference=reference)

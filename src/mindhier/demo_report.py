@@ -205,11 +205,14 @@ def score_rows(vision_path: Path, rows: dict[str, torch.Tensor], gts: torch.Tens
     """Every offline metric of every row (the report's table; the release test's recomputation)."""
     from mindhier.evaluate import evaluate_reconstructions
     from mindhier.metrics import offline_metrics, pixel_metrics
+    from mindhier.metrics.suite import ReferenceFeatures
     from mindhier.vision import load_vision
 
     vision = load_vision(vision_path, device=dev)
     metrics = pixel_metrics() + offline_metrics(lambda x: vision.image_embedding(x.to(dev)))
-    return {name: evaluate_reconstructions(recons.float(), gts, metrics=metrics, device=dev)["values"]
+    reference = ReferenceFeatures()  # the stimuli's features once, not once per row
+    return {name: evaluate_reconstructions(recons.float(), gts, metrics=metrics, device=dev,
+                                           reference=reference)["values"]
             for name, recons in rows.items()}
 
 

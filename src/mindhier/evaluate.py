@@ -55,8 +55,12 @@ def evaluate_reconstructions(
     device: str | torch.device = "cpu",
     batch_size: int = 32,
     progress: bool = False,
+    reference: suite.ReferenceFeatures | None = None,
 ) -> dict:
     """Score ``recons`` against ``gts`` (both (N, 3, H, W) in [0, 1], same order).
+
+    ``reference``: pass one :class:`~mindhier.metrics.suite.ReferenceFeatures` to every call that
+    scores against the same ``gts`` and their features are computed once (same values).
 
     Returns ``{"n_images", "values": {key: float | None}, "unavailable": {key: reason},
     "columns": [{key, label, kind, display, higher_is_better, note}]}``. Two-way identification
@@ -72,7 +76,7 @@ def evaluate_reconstructions(
         raise EvaluationError("two-way identification compares each image with the others: give at least 2 images")
     metrics = list(metrics) if metrics is not None else suite.default_metrics()
     recons, gts = core.to_eval_size(recons), core.to_eval_size(gts)  # the 256 px pre-resize
-    cache = suite.FeatureCache()
+    cache = suite.FeatureCache(reference=reference)
     values, missing = {}, {}
     for metric in tqdm(metrics, desc="metrics", disable=not progress):
         if not metric.available:

@@ -247,12 +247,38 @@ LITERATURE = [
 
 @dataclass
 class FeatureCache:
-    """(real, pred) features per :attr:`FeatureMetric.cache_key`, so shared networks run once."""
+    """(real, pred) features per :attr:`FeatureMetric.cache_key`, so shared networks run once.
+
+    ``reference``: a :class:`ReferenceFeatures` shared between several calls that score other
+    reconstructions against the same ground truth (the demo report's rows): the ground truth's
+    features are then computed once, not once per row."""
 
     store: dict = field(default_factory=dict)
+    reference: "ReferenceFeatures | None" = None
 
     def get(self, metric: FeatureMetric, recons, gts, device, batch_size):
         key = metric.cache_key
         if key not in self.store:
-            self.store[key] = (metric.features(gts, device, batch_size), metric.features(recons, device, batch_size))
+            real = (self.reference.features(metric, gts, device, batch_size) if self.reference is not None
+                    else metric.features(gts, device, batch_size))
+            self.store[key] = (real, metric.features(recons, device, batch_size))
+        return self.store[key]
+
+
+@dataclass
+class ReferenceFeatures:
+    """Ground-truth features per :attr:`FeatureMetric.cache_key`, for one set of ground-truth
+    images: a call with other images is refused rather than answered from the cache."""
+
+    gts: torch.Tensor | None = None
+    store: dict = field(default_factory=dict)
+
+    def features(self, metric: FeatureMetric, gts: torch.Tensor, device, batch_size) -> np.ndarray:
+        if self.gts is None:
+            self.gts = gts
+        elif self.gts.shape != gts.shape or not torch.equal(self.gts, gts):
+            raise ValueError("ReferenceFeatures holds the features of other ground-truth images; use one per set")
+        key = (metric.cache_key, batch_size)  # batch composition can change the last bits
+        if key not in self.store:
+            self.store[key] = metric.features(gts, device, batch_size)
         return self.store[key]
