@@ -148,9 +148,10 @@ def test_cross_mask_rows_follow_the_schedule():
         assert (mask[sl] == expected).all()
 
 
+@pytest.mark.parametrize("cross_rope", [False, True])
 @pytest.mark.parametrize("routing", ["scale-aware", "inverted", "single", "none"])
-def test_teacher_forced_logits_equal_scale_by_scale_cached_logits(routing):
-    model = tiny_model(routing)
+def test_teacher_forced_logits_equal_scale_by_scale_cached_logits(routing, cross_rope):
+    model = tiny_model(routing, cross_rope=cross_rope)
     cfg = model.cfg
     levels, tf_input = random_inputs(cfg)
     cond = model.condition(levels)
@@ -217,6 +218,46 @@ def test_no_routing_lets_every_scale_see_everything():
         b = model(tf_input, cond=Condition(context, base.pooled, base.context_levels))
     for sl in scale_slices(cfg):
         assert (a[:, sl] - b[:, sl]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cross_rope", [False, True])
+def test_cross_rope_makes_cross_attention_see_where_a_patch_is(cross_rope):
+    """Attention is blind to the order of its keys: swapping two patch tokens of every level
+    changes nothing without cross_rope, and changes the logits with it (the keys carry their
+    place on the image)."""
+    model = tiny_model(cross_rope=cross_rope)
+    cfg = model.cfg
+    levels, tf_input = random_inputs(cfg)
+    order = torch.arange(cfg.tokens_per_level)
+    order[[1, cfg.tokens_per_level - 1]] = order[[cfg.tokens_per_level - 1, 1]]   # two corner patches
+    with torch.no_grad():
+        a = model(tf_input, levels)
+        b = model(tf_input, [e[:, order] for e in levels])
+    moved = (a - b).abs().max().item()
+    assert moved > 1e-3 if cross_rope else moved < 1e-5
+
+
+def test_image_plane_angles_put_cells_at_their_centres():
+    from mindhier.generator.blocks import context_plane_angles, image_plane_angles, rope_frequencies
+
+    hd, theta, size = 16, 100.0, 64
+    base = rope_frequencies(hd, theta)
+    angles = image_plane_angles((1, 2, 4), hd, theta, size)
+    assert angles.shape == (1 + 4 + 16, hd // 2)
+    torch.testing.assert_close(angles[0], torch.cat([base, base]) * 32)          # 1×1: the centre
+    torch.testing.assert_close(angles[1], torch.cat([base, base]) * 16)          # 2×2 top-left: (16, 16)
+    torch.testing.assert_close(angles[2], torch.cat([base * 48, base * 16]))      # 2×2 top-right: x 48, y 16
+    # the 4×4 cell (row 1, col 2) covers x in [32, 48], y in [16, 32]: centre (40, 24)
+    torch.testing.assert_close(angles[5 + 1 * 4 + 2], torch.cat([base * 40, base * 24]))
+    ctx = context_plane_angles(4, 3, hd, theta, size)
+    assert ctx.shape == (3 * 17, hd // 2)
+    torch.testing.assert_close(ctx[17:34], image_plane_angles((1, 4), hd, theta, size))   # CLS + patches per level
+
+
+def test_cross_rope_needs_cls_plus_a_square_grid_of_tokens():
+    with pytest.raises(ConfigError, match="1 \\+ a square"):
+        dataclasses.replace(PRESETS["tiny"], tokens_per_level=20, cross_rope=True)
+    assert dataclasses.replace(PRESETS["tiny"], tokens_per_level=65, cross_rope=True).context_grid == 8
 
 
 def test_self_attention_never_crosses_scales():

@@ -168,3 +168,19 @@ def test_warm_restart_refuses_another_body_or_a_stage2_generator(stack, pretrain
     assert main(finetune_args(stack, stage2, pretrained / "generator")) == 0
     assert main(pretrain_args(stack, tmp_path / "y", "--init", str(stage2 / "generator"))) == 2
     assert "not a pretrain-generator checkpoint" in capsys.readouterr().err
+
+
+def test_warm_restart_can_switch_cross_attention_rope_on_but_not_off(stack, pretrained, tmp_path, capsys):
+    out = tmp_path / "rope"
+    assert main(pretrain_args(stack, out, "--init", str(pretrained / "generator"), "--cross-rope", "--lr", "0",
+                              steps=1)) == 0
+    _, meta = load_checkpoint(out / "generator", kind="generator")
+    assert meta["config"]["cross_rope"] is True
+    start, pre = load_file(str(out / "generator.safetensors")), load_file(str(pretrained / "generator.safetensors"))
+    assert all(torch.equal(start[k], pre[k]) for k in start if not k.startswith("optim."))  # no new weights
+    capsys.readouterr()
+    assert main(pretrain_args(stack, tmp_path / "off", "--init", str(out / "generator"), "--no-cross-rope")) == 2
+    assert "its config differs" in capsys.readouterr().err
+    stage2 = tmp_path / "ft"   # stage 2 keeps the body of the generator it starts from, cross_rope included
+    assert main(finetune_args(stack, stage2, out / "generator")) == 0
+    assert load_checkpoint(stage2 / "generator", kind="generator")[1]["config"]["cross_rope"] is True

@@ -44,6 +44,14 @@ def qk_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 # 2-D rotary position embedding, normalised per scale
 # ----------------------------------------------------------------------------------------------
 
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """The head_dim/4 base frequencies of one axis of 2-D RoPE (on the CPU)."""
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    cpu = torch.device("cpu")  # explicit: the table is fixed data, even when the model is built on "meta"
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 4, device=cpu)[: head_dim // 4].float() / head_dim))
+
+
 def rope_angles(scales: tuple[int, ...], head_dim: int, theta: float, rope_size: int) -> torch.Tensor:
     """Rotation angles (L, head_dim/2) for all tokens of the pyramid, row-major per scale.
 
@@ -54,10 +62,8 @@ def rope_angles(scales: tuple[int, ...], head_dim: int, theta: float, rope_size:
     scale" means. The first head_dim/4 complex pairs rotate with the column (x) index, the next
     head_dim/4 with the row (y) index.
     """
-    if head_dim % 4:
-        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
-    cpu = torch.device("cpu")  # explicit: the table is fixed data, even when the model is built on "meta"
-    base = 1.0 / (theta ** (torch.arange(0, head_dim, 4, device=cpu)[: head_dim // 4].float() / head_dim))
+    base = rope_frequencies(head_dim, theta)
+    cpu = base.device
     tables = []
     for pn in scales:
         freqs = base * (rope_size / (pn - 1 if pn > 1 else 1))
@@ -65,6 +71,31 @@ def rope_angles(scales: tuple[int, ...], head_dim: int, theta: float, rope_size:
         col, row = pos % pn, torch.div(pos, pn, rounding_mode="floor")
         tables.append(torch.cat([torch.outer(col, freqs), torch.outer(row, freqs)], dim=-1))
     return torch.cat(tables, dim=0)
+
+
+def image_plane_angles(sides: tuple[int, ...], head_dim: int, theta: float, rope_size: int) -> torch.Tensor:
+    """Rotation angles (Σ n², head_dim/2) placing every cell of each n×n grid at its **centre on
+    the image**, (i + ½)·rope_size/n per axis, row-major per grid: the tables of cross-attention
+    RoPE (``GeneratorConfig.cross_rope``).
+
+    Pyramid tokens (the queries) and the vision model's patch tokens (the keys) both get them, so
+    q·k depends on where on the image the two sit relative to each other, whatever the two
+    resolutions; a 1×1 grid, like a CLS token, sits at the centre. (Self-attention's table,
+    :func:`rope_angles`, aligns grids at their corners instead; it is Switti's and stays so.)
+    """
+    base = rope_frequencies(head_dim, theta)
+    tables = []
+    for n in sides:
+        pos = torch.arange(n * n, dtype=torch.float32, device=base.device)
+        col, row = (pos % n + 0.5) * (rope_size / n), (torch.div(pos, n, rounding_mode="floor") + 0.5) * (rope_size / n)
+        tables.append(torch.cat([torch.outer(col, base), torch.outer(row, base)], dim=-1))
+    return torch.cat(tables, dim=0)
+
+
+def context_plane_angles(grid: int, num_levels: int, head_dim: int, theta: float, rope_size: int) -> torch.Tensor:
+    """:func:`image_plane_angles` of a context of ``num_levels`` levels, each a vision layer's
+    token layout [CLS, grid×grid patches] (CLIP's): CLS at the image centre."""
+    return image_plane_angles((1, grid), head_dim, theta, rope_size).repeat(num_levels, 1)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -124,12 +155,18 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, context: torch.Tensor, rotation: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the context; ``rotation`` (complex (Lctx, hd/2)) places each key on the image
+        grid (cross-attention RoPE, see :func:`image_plane_angles`)."""
         k, v = self.kv(context).chunk(2, dim=-1)
-        return split_heads(qk_norm(k), self.num_heads), split_heads(v, self.num_heads)
+        k = split_heads(qk_norm(k), self.num_heads)
+        return (k if rotation is None else apply_rope(k, rotation)), split_heads(v, self.num_heads)
 
-    def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor], mask=None):
+    def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor], mask=None, rotation=None):
         q = split_heads(qk_norm(self.q(x)), self.num_heads)
+        if rotation is not None:  # the query's own place on the image grid (cross-attention RoPE)
+            q = apply_rope(q, rotation)
         k, v = kv
         return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
@@ -168,20 +205,25 @@ class GeneratorBlock(nn.Module):
         self.context_norm = RMSNorm(context_dim, eps)
         self.adaln = nn.Linear(width, 6 * width)  # applied to SiLU(cond)
 
-    def cross_keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's cross-attention K/V for a context (B, Lctx, Dctx): the per-image cache."""
-        return self.cross_attn.keys_values(self.context_norm(context))
+    def cross_keys_values(self, context: torch.Tensor, context_rotation: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cross-attention K/V for a context (B, Lctx, Dctx): the per-image cache;
+        ``context_rotation``: the context tokens' cross-attention RoPE table (None: no RoPE)."""
+        return self.cross_attn.keys_values(self.context_norm(context), context_rotation)
 
-    def forward(self, x, cond, rotation, self_mask, cross_mask, context=None, cross_kv=None):
+    def forward(self, x, cond, rotation, self_mask, cross_mask, context=None, cross_kv=None,
+                cross_rotation=None):
         """``rotation``: the RoPE table of these tokens (complex, (L, hd/2)). ``cross_kv`` (this
         layer's cached K/V) or ``context`` (K/V computed here, inside forward, so that FSDP has
-        this block's weights gathered when they are used)."""
+        this block's weights gathered when they are used). ``cross_rotation``: (the queries',
+        the context's) cross-attention RoPE tables, or None."""
+        query_rotation, context_rotation = cross_rotation if cross_rotation is not None else (None, None)
         if cross_kv is None:
-            cross_kv = self.cross_keys_values(context)
+            cross_kv = self.cross_keys_values(context, context_rotation)
         gate1, gate2, scale1, scale2, shift1, shift2 = self.adaln(F.silu(cond)).unsqueeze(1).chunk(6, -1)
         h = self.self_attn(torch.addcmul(shift1, self.self_attn_pre_norm(x), 1 + scale1), rotation, self_mask)
         x = torch.addcmul(x, self.self_attn_post_norm(h), gate1)
-        h = self.cross_attn(self.cross_attn_pre_norm(x), cross_kv, cross_mask)
+        h = self.cross_attn(self.cross_attn_pre_norm(x), cross_kv, cross_mask, query_rotation)
         x = x + self.cross_attn_post_norm(h)
         h = self.ffn(torch.addcmul(shift2, self.ffn_pre_norm(x), 1 + scale2))
         return torch.addcmul(x, self.ffn_post_norm(h), gate2)

@@ -39,6 +39,12 @@ class GeneratorConfig:
     # norm removed, a generator pretrained on the vision model's own v_{g_m} (SPEC §1.4) reads
     # the encoder's e_m on the same scale when stage 2 fine-tunes it.
     level_norm: bool = False
+    # 2-D RoPE on cross-attention too: queries and the context's keys placed on the image plane
+    # (blocks.image_plane_angles), each level read as [CLS, g×g patches]. Without it the keys carry
+    # no position and a token can find "its" patch only through content; measured on the demo
+    # world, the pretrained generator's attention mass on its own patch was at chance (issue 11).
+    # Not in MindHier or Switti (their context is text or fMRI tokens with no grid): an addition.
+    cross_rope: bool = False
     ffn_mult: float = 8 / 3         # SwiGLU hidden = int(width · ffn_mult)
     rope_theta: float = 10000.0
     rope_size: int = 128            # every scale's grid is stretched to span this many positions
@@ -58,7 +64,18 @@ class GeneratorConfig:
                 f"for K={len(self.scales)} scales"
             )
 
+        if self.cross_rope and self.context_grid is None:
+            raise ConfigError(
+                f"cross_rope reads each level as [CLS, g×g patches]; tokens_per_level={self.tokens_per_level} "
+                f"is not 1 + a square")
+
     # -- derived sizes -------------------------------------------------------------------------
+    @property
+    def context_grid(self) -> int | None:
+        """g when each level is [CLS, g×g patches] (tokens_per_level = 1 + g²), else None."""
+        g = round((self.tokens_per_level - 1) ** 0.5)
+        return g if g > 0 and g * g + 1 == self.tokens_per_level else None
+
     @property
     def num_scales(self) -> int:
         return len(self.scales)

@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mindhier.errors import MindhierError
-from mindhier.generator.blocks import AdaLNHead, GeneratorBlock, init_generator_weights, rope_angles
+from mindhier.generator.blocks import (AdaLNHead, GeneratorBlock, context_plane_angles, image_plane_angles,
+                                       init_generator_weights, rope_angles)
 from mindhier.generator.config import GeneratorConfig, routing_table, seed_level
 
 
@@ -112,8 +113,14 @@ class ScaleAwareGenerator(nn.Module):
         self.register_buffer("scale_of_token", scale_of_token, persistent=False)
         # RoPE tables stay float32 whatever the model is cast to (bf16 inference): kept per
         # device outside the buffers, so .to(dtype) never rounds the angles.
-        angles = rope_angles(cfg.scales, cfg.width // cfg.num_heads, cfg.rope_theta, cfg.rope_size)
+        head_dim = cfg.width // cfg.num_heads
+        angles = rope_angles(cfg.scales, head_dim, cfg.rope_theta, cfg.rope_size)
         self._rope = {torch.device("cpu"): torch.polar(torch.ones_like(angles), angles)}
+        self._cross_rope = {}
+        if cfg.cross_rope:  # (queries, context keys) on the image plane
+            tables = (image_plane_angles(cfg.scales, head_dim, cfg.rope_theta, cfg.rope_size),
+                      context_plane_angles(cfg.context_grid, cfg.num_levels, head_dim, cfg.rope_theta, cfg.rope_size))
+            self._cross_rope[torch.device("cpu")] = tuple(torch.polar(torch.ones_like(a), a) for a in tables)
         # Same-scale-only self-attention: block-diagonal (L, L), True = may attend.
         self.register_buffer("self_mask", scale_of_token[:, None] == scale_of_token[None, :], persistent=False)
         offsets = [0]
@@ -127,6 +134,16 @@ class ScaleAwareGenerator(nn.Module):
         if device not in self._rope:
             self._rope[device] = self._rope[torch.device("cpu")].to(device)
         return self._rope[device]
+
+    def cross_rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(queries (L, hd/2), context keys (Lctx, hd/2)) cross-attention RoPE tables on
+        ``device``, or None when the config has no cross_rope."""
+        if not self.cfg.cross_rope:
+            return None
+        device = torch.device(device)
+        if device not in self._cross_rope:
+            self._cross_rope[device] = tuple(t.to(device) for t in self._cross_rope[torch.device("cpu")])
+        return self._cross_rope[device]
 
     def init_weights(self) -> None:
         std = math.sqrt(1 / (3 * self.cfg.width))
@@ -177,9 +194,11 @@ class ScaleAwareGenerator(nn.Module):
         """Everything about the condition that sampling reuses at every scale: computed once."""
         self._check_condition(cond)
         context = cond.context.to(self.dtype)
+        tables = self.cross_rope_tables(context.device)
+        context_rotation = None if tables is None else tables[1]
         return CrossAttnCache(
             self.cond_proj(cond.pooled.to(self.dtype)),
-            [block.cross_keys_values(context) for block in self.blocks],
+            [block.cross_keys_values(context, context_rotation) for block in self.blocks],
         )
 
     @property
@@ -195,6 +214,10 @@ class ScaleAwareGenerator(nn.Module):
         if tuple(cond.pooled.shape) != (cond.batch_size, cfg.pooled_dim):
             raise GeneratorInputError(
                 f"pooled has shape {tuple(cond.pooled.shape)}, expected ({cond.batch_size}, {cfg.pooled_dim})")
+        if cfg.cross_rope and cond.context.shape[1] != cfg.context_len:
+            raise GeneratorInputError(
+                f"context has {cond.context.shape[1]} tokens; cross_rope places {cfg.num_levels} levels of "
+                f"{cfg.tokens_per_level} tokens ([CLS, {cfg.context_grid}×{cfg.context_grid} patches]) on the image")
         if cond.context_levels is None and cfg.routing != "none":
             raise GeneratorInputError(
                 f"routing {cfg.routing!r} needs to know which level each context token comes from; "
@@ -250,13 +273,15 @@ class ScaleAwareGenerator(nn.Module):
         cross_mask = self.cross_mask(cond)
         hidden = [x]
         rotation = self.rope_table(x.device)
+        cross_rotation = self.cross_rope_tables(x.device)
         recompute = self.checkpoint_activations and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:   # the block is called inside, so FSDP2's hooks gather its weights again
                 x = checkpoint(block, x, cond_vec, rotation, self.self_mask, cross_mask, context=context,
-                               use_reentrant=False)
+                               cross_rotation=cross_rotation, use_reentrant=False)
             else:
-                x = block(x, cond_vec, rotation, self.self_mask, cross_mask, context=context)
+                x = block(x, cond_vec, rotation, self.self_mask, cross_mask, context=context,
+                          cross_rotation=cross_rotation)
             hidden.append(x)
         logits = self.head(x, cond_vec)
         return (logits, hidden) if return_hidden else logits
@@ -284,9 +309,11 @@ class ScaleAwareGenerator(nn.Module):
             x = self.token_embed(x_in.to(self.dtype))
         x = x + self.scale_embed.weight[si]
         rotation = self.rope_table(x.device)[lo:hi]
+        tables = self.cross_rope_tables(x.device)   # the cached keys are rotated already
+        cross_rotation = None if tables is None else (tables[0][lo:hi], None)
         visible = self.visible_context(si, cond)
         cols = None if visible is None else visible.nonzero().squeeze(1)
         for block, (k, v) in zip(self.blocks, cache.keys_values):
             kv = (k, v) if cols is None else (k[:, :, cols], v[:, :, cols])
-            x = block(x, cache.cond_vec, rotation, None, None, cross_kv=kv)
+            x = block(x, cache.cond_vec, rotation, None, None, cross_kv=kv, cross_rotation=cross_rotation)
         return self.head(x, cache.cond_vec)

@@ -34,7 +34,7 @@ from mindhier.config import get_preset, to_dict
 from mindhier.curves import logged_seconds
 from mindhier.data import ImageStore, data_manifest
 from mindhier.errors import MindhierError
-from mindhier.generator import PRESETS, ROUTINGS
+from mindhier.generator import PRESETS, ROUTINGS, GeneratorConfig
 from mindhier.generator.pretrained import draw_from_own_features, vision_record
 from mindhier.reconstruct import checkpoint_identity
 from mindhier.sampling import SamplingSettings
@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the all-zero condition (CFG)")
+    p.add_argument("--cross-rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="2-D RoPE on cross-attention, so each token can find its own patches (default: the "
+                        "preset's); --init from a generator without it turns it on (same weights, new tables)")
     p.add_argument("--init", default=None,
                    help="warm restart: start the weights from a generator this command pretrained on the same "
                         "vision model, layers and tokenizer (fresh optimiser and schedule over --steps); the "
@@ -115,7 +118,7 @@ class PretrainTrainer(stage2.Trainer):
             z_channels=int(self.tokenizer.z_channels), context_dim=int(self.vision.feature_dim),
             pooled_dim=int(self.vision.feature_dim), num_levels=len(self.layers),
             tokens_per_level=int(self.vision.num_tokens), routing=a.routing, cond_drop_prob=a.cond_drop,
-            level_norm=True)
+            level_norm=True, cross_rope=base.cross_rope if a.cross_rope is None else a.cross_rope)
         self.earlier_rounds = []
         if a.init is None:
             return cfg
@@ -128,7 +131,10 @@ class PretrainTrainer(stage2.Trainer):
         """A warm restart continues the same model on the same frozen inputs, nothing else."""
         problems = self._frozen_diffs(init_meta) if "pretrain" in init_meta else [
             "it is not a pretrain-generator checkpoint (a stage-2 generator was trained on fMRI)"]
-        if init_meta["config"] != to_dict(cfg):
+        stored = {**to_dict(GeneratorConfig()), **init_meta["config"]}  # a field added since: its default
+        if cfg.cross_rope:  # switching cross-attention RoPE on is a warm restart too: it adds no weights
+            stored["cross_rope"] = True
+        if stored != to_dict(cfg):
             problems.append(f"its config differs: {init_meta['config']} (this run: {to_dict(cfg)}); pass the "
                             "--preset, --routing and --cond-drop it was trained with")
         if problems:

@@ -28,7 +28,7 @@ TOKENIZER_ROW = "tokenizer reconstruction"
 ORACLE_ROW = "pretrained generator on the stimulus's own vision features"
 
 
-def test_stimuli(world: Path) -> tuple[np.ndarray, torch.Tensor, dict, dict]:
+def world_test_stimuli(world: Path) -> tuple[np.ndarray, torch.Tensor, dict, dict]:
     """(test image ids, their pictures (N, 3, H, W) in [0, 1], their labels, the training images' labels)."""
     from mindhier.data import ImageStore
     from mindhier.world.corpus import held_out_image_indices as test_image_indices
@@ -59,7 +59,7 @@ def evaluate_foundation(world: Path, folder: Path, cfg: float = 3.0, device: tor
     from mindhier.world import reader as R
 
     device = device or torch.device("cpu")
-    ids, stimuli, truth, train_truth = test_stimuli(world)
+    ids, stimuli, truth, train_truth = world_test_stimuli(world)
     if limit:
         ids, stimuli, truth = ids[:limit], stimuli[:limit], {k: v[:limit] for k, v in truth.items()}
     reader, _ = R.load_reader(folder / "reader", device)
