@@ -273,7 +273,7 @@ DERIVED_FIELDS = {
     "tokenizer": set(),
     "generator": {"scales", "vocab_size", "z_channels", "context_dim", "pooled_dim", "num_levels",
                   "tokens_per_level", "routing", "cond_drop_prob",
-                  "level_norm"},  # taken from the pretrained generator stage 2 starts from (--init)
+                  "level_norm", "cross_rope"},  # taken from the pretrained generator stage 2 starts from (--init)
 }
 
 

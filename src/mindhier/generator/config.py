@@ -130,8 +130,9 @@ PRESETS: dict[str, GeneratorConfig] = {
     # Seconds on a CPU: for tests and the CI-sized demo path.
     "tiny": GeneratorConfig(),
     # The synthetic-world demo: small enough to train on a laptop CPU in minutes.
+    # cross_rope: the demo's addition (see the field); off in the paper preset, as in MindHier.
     "demo": GeneratorConfig(depth=6, width=256, num_heads=4, vocab_size=1024, z_channels=16,
-                            context_dim=128, pooled_dim=128, tokens_per_level=17),
+                            context_dim=128, pooled_dim=128, tokens_per_level=17, cross_rope=True),
     # The paper's stage 2 (appendix E): Switti-512 body, fMRI context of 4 × 257 tokens × 768.
     "paper": GeneratorConfig(depth=30, width=1920, num_heads=30, scales=SCHEDULE_512,
                              vocab_size=4096, z_channels=32, context_dim=768, pooled_dim=768,
