@@ -46,6 +46,6 @@ def test_without_a_generator_only_the_tokenizer_row_is_drawn(released, tmp_path)
     for f in folder.glob("generator*"):
         f.unlink()
     assert main(["eval-foundation", "--world", str(released / "world"), "--foundation", str(folder),
-                 "--out", str(tmp_path / "eval"), "--limit", "5"]) == 0
-    result = json.loads((tmp_path / "eval.json").read_text())
+                 "--out", str(tmp_path / "eval.cfg1.5"), "--limit", "5"]) == 0   # a dot in OUT is kept
+    result = json.loads((tmp_path / "eval.cfg1.5.json").read_text())
     assert ORACLE_ROW not in result["rates"] and result["images"] == 5

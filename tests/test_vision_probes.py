@@ -78,9 +78,9 @@ def test_probe_vision_command_writes_json_and_markdown(world, tmp_path, capsys):
     assert main(["train-vision", "--data", str(world), "--out", str(vision), "--preset", "tiny",
                  "--epochs", "1", "--global-batch", "32"]) == 0
     assert main(["probe-vision", "--vision", str(vision / "vision"), "--world", str(world),
-                 "--all-layers", "--out", str(tmp_path / "probe")]) == 0
-    result = json.loads((tmp_path / "probe.json").read_text())
+                 "--all-layers", "--out", str(tmp_path / "probe.v1")]) == 0   # a dot in OUT is kept
+    result = json.loads((tmp_path / "probe.v1.json").read_text())
     depth = len(result["layers"])
     assert result["layers"] == list(range(1, depth + 1)) and depth >= 2
     assert set(result["rates"]) == {*(f"layer {g}" for g in result["layers"]), "embedding", "majority guess"}
-    assert "| layer 1 |" in (tmp_path / "probe.md").read_text() and "| embedding |" in capsys.readouterr().out
+    assert "| layer 1 |" in (tmp_path / "probe.v1.md").read_text() and "| embedding |" in capsys.readouterr().out

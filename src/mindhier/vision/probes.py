@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(f"Linear probes on `{args.vision}`, world `{args.world}` "
+        out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1))
+        out.with_name(out.name + ".md").write_text(f"Linear probes on `{args.vision}`, world `{args.world}` "
                                           f"({result['train_images']} training / {result['test_images']} test "
                                           f"stimuli)\n\n{text}")
     return 0

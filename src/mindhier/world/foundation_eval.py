@@ -116,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
     print(text, end="")
     out = Path(args.out) if args.out else folder / "world_eval"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(f"`mindhier eval-foundation --world {args.world} --foundation {folder} "
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1))
+    out.with_name(out.name + ".md").write_text(f"`mindhier eval-foundation --world {args.world} --foundation {folder} "
                                       f"--cfg {args.cfg}` on {result['images']} test stimuli\n\n{text}")
     n = min(24, result["images"])
-    image_grid([p[:n].float().numpy() for p in pictures.values()], cell=64).save(out.with_suffix(".png"))
+    image_grid([p[:n].float().numpy() for p in pictures.values()], cell=64).save(out.with_name(out.name + ".png"))
     return 0
