@@ -57,6 +57,7 @@ def test_release_writes_model_cards_and_default_demo_uses_them(tiny_demo):
     for stage in ("encoder", "generator"):
         card = (released / f"{stage}.md").read_text()
         assert "config hash" in card and "git commit" in card and "## Data manifest" in card
+        assert f"{torch.get_num_threads()} thread(s)" in card   # the compute the time was measured on
         assert read_metadata(released / stage)["released"]["foundation"]["vision"] == str(foundation / "vision")
     for role in ("vision", "tokenizer"):  # the foundation models, byte for byte, with their cards
         for suffix in (".safetensors", ".json", ".md"):
